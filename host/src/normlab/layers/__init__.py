@@ -1,0 +1,10 @@
+"""Building blocks that plugins put into models: routed norms, FiLM, module surgery, splits."""
+
+from .film import FiLM
+from .norm import NormAct, RoutedNorm, as_norm_act, batch_norms, iter_norms, map_norms, replace_module
+from .split import Split, split_model, split_points
+
+__all__ = [
+    "FiLM", "NormAct", "RoutedNorm", "Split", "as_norm_act", "batch_norms", "iter_norms", "map_norms",
+    "replace_module", "split_model", "split_points",
+]

@@ -1,0 +1,160 @@
+"""Norm-layer building blocks: finding, replacing, wrapping and routing BN layers."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..context import Routing, current
+
+__all__ = ["NormAct", "RoutedNorm", "as_norm_act", "iter_norms", "replace_module", "batch_norms"]
+
+
+class NormAct(nn.Module):
+    """norm -> film -> drop -> act, the shape of timm's ``BatchNormAct2d`` made composable.
+
+    ``norm`` may be any module (a BN, a :class:`RoutedNorm`); ``film`` is None or
+    a :class:`~normlab.layers.FiLM`. ``drop`` and ``act`` are the ones the
+    original layer fused in, kept so that wrapping never loses them.
+    """
+
+    def __init__(self, norm: nn.Module, drop: nn.Module | None = None, act: nn.Module | None = None,
+                 film: nn.Module | None = None):
+        super().__init__()
+        self.norm = norm
+        self.film = film
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.film is not None:
+            x = self.film(x)
+        return self.act(self.drop(x))
+
+
+def _plain_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A plain ``nn.BatchNorm2d`` with ``bn``'s settings, parameters and buffers."""
+    out = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                         track_running_stats=bn.track_running_stats)
+    own = {k: v for k, v in bn.state_dict().items() if "." not in k}
+    out.load_state_dict(own)
+    out.train(bn.training)
+    p = next(iter(bn.state_dict().values()), None)
+    return out.to(p.device) if p is not None else out
+
+
+def as_norm_act(module: nn.Module) -> NormAct:
+    """View any BN layer as a :class:`NormAct`, keeping a fused activation and drop.
+
+    ``NormAct`` is returned as is; timm's ``BatchNormAct2d`` becomes a plain BN
+    followed by its own ``drop`` and ``act`` modules (the same objects); a plain
+    ``BatchNorm2d`` becomes ``NormAct(bn)``.
+    """
+    if isinstance(module, NormAct):
+        return module
+    if isinstance(module, nn.BatchNorm2d):
+        drop = getattr(module, "drop", None)
+        act = getattr(module, "act", None)
+        if drop is None and act is None:
+            return NormAct(module)
+        return NormAct(_plain_bn(module), drop=drop, act=act)
+    raise TypeError(f"as_norm_act: expected a BatchNorm2d or NormAct, got {type(module).__name__}")
+
+
+class RoutedNorm(nn.Module):
+    """Several independent norm layers; the active context chooses which one runs.
+
+    ``key`` names the :class:`~normlab.context.Context` field that selects the
+    route (``route`` for clean/adversarial BN, ``width`` for switchable BN).
+    The field may be None (first route), a route name, or a per-sample
+    :class:`~normlab.context.Routing`, in which case each route normalizes its
+    own samples: contiguous groups are split as views, otherwise the batch is
+    permuted once and back.
+    """
+
+    def __init__(self, routes: Sequence[nn.Module], names: Sequence[str], key: str = "route"):
+        super().__init__()
+        if len(routes) != len(names) or not routes:
+            raise ValueError("RoutedNorm needs one name per route and at least one route")
+        self.routes = nn.ModuleList(routes)
+        self.names = tuple(str(n) for n in names)
+        self.key = key
+
+    @classmethod
+    def copies(cls, norm: nn.Module, names: Sequence[str], key: str = "route") -> "RoutedNorm":
+        """Routes that all start as exact copies of ``norm`` (its statistics included)."""
+        return cls([norm] + [copy.deepcopy(norm) for _ in names[1:]], names, key)
+
+    def index(self, name) -> int:
+        try:
+            return self.names.index(str(name))
+        except ValueError:
+            raise KeyError(f"RoutedNorm keyed on {self.key!r} has routes {self.names}, not {name!r}") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sel = getattr(current(), self.key)
+        if sel is None:
+            return self.routes[0](x)
+        if not isinstance(sel, Routing):
+            return self.routes[self.index(sel)](x)
+        if sel.perm is not None:
+            return self._per_sample(x[sel.perm], sel)[sel.inverse]
+        return self._per_sample(x, sel)
+
+    def _per_sample(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        outs = [self.routes[self.index(name)](chunk)
+                for name, chunk in zip(routing.names, x.split(routing.counts)) if chunk.shape[0]]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, names={self.names}"
+
+
+NORM_TYPES = (nn.BatchNorm2d, NormAct)
+
+
+def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield (name, module) for each norm layer a plugin may visit, outermost only.
+
+    Norm layers are ``nn.BatchNorm2d`` (timm's ``BatchNormAct2d`` included) and
+    :class:`NormAct` wrappers; what a wrapper contains is not visited again.
+    """
+
+    def walk(prefix: str, module: nn.Module):
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, NORM_TYPES):
+                yield name, child
+            else:
+                yield from walk(name, child)
+
+    yield from walk("", model)
+
+
+def batch_norms(model: nn.Module) -> Iterator[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """Every BN layer with statistics, inside wrappers and routes too."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            yield name, m
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def map_norms(model: nn.Module, fn: Callable[[str, nn.Module], nn.Module | None]) -> int:
+    """Replace each norm layer by ``fn(name, module)`` where it returns a module; count replacements."""
+    n = 0
+    for name, module in list(iter_norms(model)):
+        new = fn(name, module)
+        if new is not None and new is not module:
+            replace_module(model, name, new)
+            n += 1
+    return n

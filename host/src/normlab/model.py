@@ -1,0 +1,136 @@
+"""Building the model: a timm backbone behind an input-normalisation layer, reshaped by plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .layers.norm import map_norms
+
+__all__ = ["Normalize", "NormlabNet", "create_backbone", "load_state_file", "load_weights", "set_trainable"]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel: inputs stay in [0, 1] outside the model."""
+
+    def __init__(self, mean: Iterable[float], std: Iterable[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class NormlabNet(nn.Module):
+    """The model normlab trains and attacks: ``backbone(normalize(x))`` on [0, 1] inputs.
+
+    Layer names used in run files (split points, trainable prefixes, norm names
+    passed to hooks) are relative to ``backbone``.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: Iterable[float], std: Iterable[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+
+def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
+    """``timm.create_model`` with run-file errors (unknown name, weights unavailable offline)."""
+    import timm
+
+    if not timm.is_model(cfg.name):
+        from normlab_registry import did_you_mean
+
+        raise UsageError(f"{source}: model.name: unknown timm model {cfg.name!r}"
+                         + did_you_mean(cfg.name, timm.list_models()))
+    try:
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.kwargs)
+    except TypeError as e:
+        raise UsageError(f"{source}: model.kwargs: {e}") from None
+    except Exception as e:
+        if not cfg.pretrained:
+            raise
+        raise UsageError(
+            f"{source}: model.pretrained: timm's pretrained weights for {cfg.name!r} are not available "
+            f"({type(e).__name__}); without a network, put them in the Hugging Face cache (HF_HOME) or "
+            f"set model.checkpoint to a weights file"
+        ) from None
+
+
+def load_state_file(path: str | Path, source: str, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors, a .pt/.pth/.bin (``weights_only=True``), or a run directory."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        from .checkpoint import latest_model_file
+
+        found = latest_model_file(path)
+        if found is None:
+            raise UsageError(f"{source}: {key}: {str(path)!r} is not a normlab run directory with a checkpoint")
+        path = found
+    if not path.is_file():
+        raise UsageError(f"{source}: {key}: no such file {str(path)!r}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{source}: {key}: cannot read {str(path)!r} as weights "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{source}: {key}: {str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: NormlabNet, state: dict[str, torch.Tensor], source: str, key: str) -> None:
+    """Load a normlab (``backbone.*``) or plain timm state dict strictly, with a one-line error on mismatch."""
+    target: nn.Module = model if any(k.startswith("backbone.") for k in state) else model.backbone
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise UsageError(f"{source}: {key}: weights do not fit the model: " + "; ".join(parts))
+    target.load_state_dict(state, strict=True)
+
+
+def apply_norm_hooks(backbone: nn.Module, hooks: Any, run: Any) -> int:
+    """Offer every norm layer to ``on_batch_norm``; return how many were replaced."""
+    if not hooks.implemented("on_batch_norm"):
+        return 0
+    return map_norms(backbone, lambda name, m: hooks.call("on_batch_norm", name=name, module=m,
+                                                          model=backbone, run=run))
+
+
+def set_trainable(model: NormlabNet, prefixes: list[str] | None, source: str) -> list[nn.Parameter]:
+    """Freeze every backbone parameter outside ``prefixes``; return the trainable ones."""
+    if prefixes is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, _ in model.backbone.named_parameters()]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix.rstrip(".") + ".") for n in names):
+            raise UsageError(f"{source}: model.trainable: no parameter name starts with {prefix!r}")
+    params = []
+    for n, p in model.backbone.named_parameters():
+        keep = any(n == pre or n.startswith(pre.rstrip(".") + ".") for pre in prefixes)
+        p.requires_grad_(keep)
+        if keep:
+            params.append(p)
+    return params

@@ -1,0 +1,350 @@
+"""A run: resolve plugins, validate settings, build data and model, train, evaluate, write the run directory.
+
+Everything that can reject the input (run file, plugins, data path, model name,
+weights) happens in :func:`prepare`, before the run directory exists, so bad
+input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from . import __version__
+from .checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
+from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
+from .context import Context
+from .data import DataBundle, build_data
+from .errors import UsageError
+from .evaluate import EVALUATORS, BuiltinEvaluators, Report
+from .manager import Hooks, PluginInfo, discover, inspect_plugin
+from .model import NormlabNet, apply_norm_hooks, create_backbone, load_state_file, load_weights, set_trainable
+from .train import train
+
+__all__ = ["Run", "RunResult", "prepare", "run", "evaluate", "load_model"]
+
+log = logging.getLogger("normlab")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`run` and :func:`evaluate` return."""
+
+    dir: Path
+    metrics: dict[str, float]
+    model: nn.Module
+    history: list[dict]
+
+
+class Run:
+    """A run being built or executed; passed to hooks as ``run``."""
+
+    def __init__(self, config: RunConfig, source: str, plugins: dict[str, PluginInfo], enabled: list[str],
+                 plugin_configs: dict[str, Any], evaluators: dict[str, Any], quiet: bool | None = None):
+        self.config, self.source = config, source
+        self.plugins, self.enabled = plugins, enabled
+        self.plugin_configs, self.evaluators = plugin_configs, evaluators
+        self.hooks = Hooks([("normlab.evaluate", BuiltinEvaluators())]
+                           + [(n, plugins[n].plugin) for n in enabled])
+        self.quiet = quiet
+        self.log = log
+        self.device = _device(config.train.device, source)
+        self.channels_last = self.device.type == "cuda" and config.train.channels_last
+        self.data: DataBundle | None = None
+        self.model: NormlabNet | None = None
+        self.dir: Path | None = None
+        self.features: list[str] = []
+        self.trainable: list[str] | None = None
+
+    # --- API for plugins -------------------------------------------------
+    def plugin_config(self, name: str) -> Any:
+        """The validated settings of plugin ``name`` (its ``Config`` instance, or a dict)."""
+        return self.plugin_configs[name]
+
+    def request_feature(self, layer: str) -> None:
+        """Ask for ``on_feature`` calls with the output of backbone layer ``layer``."""
+        if layer not in self.features:
+            self.features.append(layer)
+
+    def train_only(self, prefixes: Sequence[str]) -> None:
+        """Suggest which backbone parameters train (a run file's ``model.trainable`` wins)."""
+        self.trainable = list(prefixes)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    @contextlib.contextmanager
+    def domain(self, name: str, samples: torch.Tensor, ctx: Context | None = None) -> Iterator[None]:
+        """Adapt the model to test domain ``name`` (``on_domain``) for the block, then undo it."""
+        ctx = ctx or Context(run=self)
+        restores = self.hooks.call("on_domain", model=self.model, domain=name,
+                                   samples=self.to_device(samples), ctx=ctx) if self.hooks.implemented(
+            "on_domain") else []
+        try:
+            yield
+        finally:
+            for undo in reversed(restores):
+                undo()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        prefixes = self.config.model.trainable if self.config.model.trainable is not None else self.trainable
+        return set_trainable(self.model, prefixes, self.source)
+
+    # --- building --------------------------------------------------------
+    def build(self, load_init: bool = True) -> None:
+        cfg = self.config
+        seed_everything(cfg.seed)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.data = build_data(cfg.data, self.source)
+        backbone = create_backbone(cfg.model, self.data.num_classes, self.source)
+        model = NormlabNet(backbone, self.data.mean, self.data.std)
+        if load_init and cfg.model.checkpoint:
+            load_weights(model, load_state_file(cfg.model.checkpoint, self.source), self.source, "model.checkpoint")
+        self.model = model
+        model.backbone = self.hooks.call("on_model", model=model.backbone, run=self)
+        apply_norm_hooks(model.backbone, self.hooks, self)
+        self._install_feature_hooks()
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.trainable_parameters()  # validates model.trainable before anything is written
+
+    def _install_feature_hooks(self) -> None:
+        names = dict(self.model.backbone.named_modules())
+        for layer in self.features:
+            if layer not in names:
+                raise UsageError(f"{self.source}: a plugin asked for layer {layer!r}, which the backbone lacks")
+            names[layer].register_forward_hook(_FeatureHook(layer, self.hooks))
+
+    def versions(self) -> dict:
+        import timm
+
+        return {"normlab": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
+                "plugins": {n: self.plugins[n].version for n in self.enabled}}
+
+    def resolved(self) -> dict:
+        """The run file with every default filled in, as written to run.yaml."""
+        out = self.config.model_dump(mode="json")
+        out["plugins"] = {n: _dump(self.plugin_configs[n]) for n in self.enabled}
+        out["evaluate"] = {n: _dump(c) for n, c in self.evaluators.items()}
+        return out
+
+
+class _FeatureHook:
+    """Forward hook that passes a requested layer's output through ``on_feature``."""
+
+    def __init__(self, layer: str, hooks: Hooks):
+        self.layer, self.hooks = layer, hooks
+
+    def __call__(self, module, inputs, output):
+        from .context import current
+
+        ctx = current()
+        out = self.hooks.call("on_feature", name=self.layer, feature=output, ctx=ctx)
+        ctx.features[self.layer] = out
+        return out if out is not output else None
+
+
+def _dump(cfg: Any) -> Any:
+    return cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
+
+
+def _device(name: str, source: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{source}: train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare(config: RunConfig, source: str, extra_plugins: Mapping[str, Any] | None = None,
+            quiet: bool | None = None) -> Run:
+    """Resolve and validate everything a run needs; raise UsageError on bad input. Builds nothing."""
+    from normlab_registry import PluginSpec, ResolutionError, did_you_mean, resolve
+
+    installed = discover()
+    for name, obj in (extra_plugins or {}).items():
+        installed[name] = inspect_plugin(name, obj, distribution="(passed to normlab.run)")
+    specs = {n: PluginSpec(n, i.requires, i.conflicts, i.distribution, i.error,
+                           {"conflict_reasons": i.conflict_reasons}) for n, i in installed.items()}
+    try:
+        enabled = resolve(list(config.plugins), specs)
+    except ResolutionError as e:
+        raise UsageError(f"{source}: plugins: {e}") from None
+    plugin_configs = {}
+    for name in enabled:
+        model = getattr(installed[name].plugin, "Config", None)
+        settings = config.plugins[name]
+        if model is None:
+            if settings:
+                raise UsageError(f"{source}: plugins.{name}: this plugin takes no settings, got {sorted(settings)}")
+            plugin_configs[name] = {}
+        else:
+            plugin_configs[name] = validate_section(model, settings, source, f"plugins.{name}")
+    evaluators = {}
+    for name, settings in config.evaluate.items():
+        if name not in EVALUATORS:
+            raise UsageError(f"{source}: evaluate.{name}: unknown evaluator" + did_you_mean(name, list(EVALUATORS))
+                             + f"; available: {', '.join(EVALUATORS)}")
+        evaluators[name] = validate_section(EVALUATORS[name].config, settings, source, f"evaluate.{name}")
+    return Run(config, source, installed, enabled, plugin_configs, evaluators, quiet)
+
+
+def _load_config(config: str | Path | Mapping | RunConfig, overrides: Sequence[str]) -> tuple[RunConfig, str]:
+    if isinstance(config, RunConfig):
+        data, source = config.model_dump(mode="json"), "config"
+        return parse_run(apply_overrides(data, overrides), source), source
+    if isinstance(config, Mapping):
+        return parse_run(apply_overrides(dict(config), overrides), "config"), "config"
+    cfg, _ = load_run_file(config, overrides)
+    return cfg, str(config)
+
+
+def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
+    if out is None:
+        if resume:
+            raise UsageError("--resume: needs --out DIR naming the run to continue")
+        stem = Path(source).stem if source != "config" else "run"
+        out = Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(out)
+    if resume:
+        if not (out / "run.yaml").is_file():
+            raise UsageError(f"--out {out}: no run to resume there (run.yaml is missing)")
+    elif out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: the directory exists and is not empty; pass --resume to continue "
+                         f"that run or choose another directory")
+    return out
+
+
+def _check_resume(run: Run, out: Path) -> None:
+    saved = read_yaml(out / "run.yaml")
+    saved.pop("versions", None)
+    now = run.resolved()
+    for section in ("train",):
+        saved.get(section, {}).pop("epochs", None)
+        now.get(section, {}).pop("epochs", None)
+    if json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise UsageError(f"{out}/run.yaml: the run file differs from the run being resumed (in: {', '.join(diff)})")
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = None, overrides: Sequence[str] = (),
+        resume: bool = False, plugins: Mapping[str, Any] | None = None, quiet: bool | None = None) -> RunResult:
+    """Train and evaluate from a run file (path), a mapping or a :class:`RunConfig`.
+
+    ``plugins`` registers plugin objects directly (name -> module or object),
+    beside those installed through entry points; the run file still names them.
+    Raises :class:`UsageError` for bad input (nothing is written) and
+    :class:`RunFailure` for failures while running.
+    """
+    cfg, source = _load_config(config, overrides)
+    r = prepare(cfg, source, plugins, quiet)
+    run_dir = _new_run_dir(out, source, resume)
+    r.build()
+    if resume:
+        _check_resume(r, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    r.dir = run_dir
+    handler = _setup_logging(run_dir)
+    try:
+        log.info("plugin call order: %s", " -> ".join(r.enabled) or "(none)")
+        for hook in ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_eval"):
+            if r.hooks.implemented(hook):
+                log.info("  %s: %s", hook, " -> ".join(r.hooks.implemented(hook)))
+        if not resume:
+            write_text_atomic(run_dir / "run.yaml",
+                              yaml.safe_dump({**r.resolved(), "versions": r.versions()}, sort_keys=False))
+        t0 = time.perf_counter()
+        history = train(r, resume=resume)
+        timing = {"train": time.perf_counter() - t0}
+        metrics = _evaluate(r, timing)
+        _write_results(r, metrics, timing)
+        return RunResult(run_dir, metrics, r.model, history)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _evaluate(r: Run, timing: dict) -> dict[str, float]:
+    t0 = time.perf_counter()
+    r.model.eval()
+    report = Report()
+    r.hooks.call("on_eval", model=r.model, ctx=Context(run=r), report=report)
+    timing["eval"] = time.perf_counter() - t0
+    return report.metrics
+
+
+def _write_results(r: Run, metrics: dict, timing: dict) -> None:
+    path = r.dir / "results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {**previous.get("metrics", {}), **metrics}
+    write_json_atomic(path, {
+        "metrics": merged,
+        "timing": {**previous.get("timing", {}), **timing},
+        "plugins": {n: r.plugins[n].version for n in r.enabled},
+        "seed": r.config.seed,
+        "normlab": __version__,
+    })
+
+
+def _from_run_dir(run_dir: str | Path, overrides: Sequence[str], plugins, quiet) -> Run:
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.yaml").is_file():
+        raise UsageError(f"{run_dir}: not a normlab run directory (run.yaml is missing)")
+    cfg, _ = load_run_file(run_dir / "run.yaml", overrides)
+    cfg.model.pretrained = False  # the run's own checkpoint replaces any initial weights
+    r = prepare(cfg, str(run_dir / "run.yaml"), plugins, quiet)
+    r.build(load_init=False)
+    load_checkpoint(run_dir, r.model)
+    r.dir = run_dir
+    return r
+
+
+def evaluate(run_dir: str | Path, *, overrides: Sequence[str] = (), plugins: Mapping[str, Any] | None = None,
+             quiet: bool | None = None) -> RunResult:
+    """Evaluate a finished run again (other evaluators or knobs via ``overrides``) without training."""
+    r = _from_run_dir(run_dir, overrides, plugins, quiet)
+    handler = _setup_logging(r.dir)
+    try:
+        timing: dict = {}
+        metrics = _evaluate(r, timing)
+        _write_results(r, metrics, timing)
+        return RunResult(r.dir, metrics, r.model, [])
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def load_model(run_dir: str | Path) -> nn.Module:
+    """The trained model of a run directory, in eval mode (for notebooks)."""
+    r = _from_run_dir(run_dir, (), None, True)
+    return r.model.eval()

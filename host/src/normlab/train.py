@@ -1,0 +1,193 @@
+"""The training loop: optimizer, schedule, per-step hooks, metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from .context import Context
+from .data import Batch
+from .errors import RunFailure
+
+__all__ = ["LossTerms", "build_optimizer", "build_scheduler", "train", "autocast", "evaluate_accuracy"]
+
+
+class LossTerms:
+    """Named per-sample losses with weights; the host minimises sum of mean(weight * loss).
+
+    Weights are floats or per-sample tensors. A term's loss may be a scalar when
+    it is not per sample (a KL over the batch).
+    """
+
+    def __init__(self):
+        self.losses: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, Any] = {}
+
+    def add(self, name: str, loss: torch.Tensor, weight: Any = 1.0) -> None:
+        if name in self.losses:
+            raise KeyError(f"loss term {name!r} already exists")
+        self.losses[name], self.weights[name] = loss, weight
+
+    def replace(self, name: str, loss: torch.Tensor, weight: Any = None) -> None:
+        self.losses[name] = loss
+        if weight is not None:
+            self.weights[name] = weight
+
+    def reweight(self, name: str, weight: Any) -> None:
+        self.weights[name] = weight
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.losses
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.losses[name]
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """Each term's weighted mean, as it enters the total."""
+        return {n: (self.weights[n] * loss.float()).mean() for n, loss in self.losses.items()}
+
+    def total(self) -> torch.Tensor:
+        return torch.stack(list(self.values().values())).sum()
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg) -> float:
+    """The learning-rate multiplier after ``step`` optimizer steps: linear warm-up, then the schedule."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if warm and step < warm:
+        return (step + 1) / warm
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        t = (step - warm) / max(1.0, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "step":
+        epoch = step / steps_per_epoch
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def build_scheduler(opt, steps_per_epoch: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg))
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; nothing on CPU."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_accuracy(run, loader, desc: str = "eval", ctx: Context | None = None) -> tuple[float, float | None]:
+    """Top-1 (and top-5 when there are more than 10 classes) of ``run.model`` in eval mode."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    ctx = ctx or Context(run=run)
+    correct1 = correct5 = n = 0
+    with ctx.active():
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=run.quiet):
+            x, y = run.to_device(x), y.to(run.device)
+            with autocast(run.device, run.config.train.amp):
+                logits = model(x).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += (top[:, 0] == y).sum().item()
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            n += y.numel()
+    model.train(was_training)
+    top5 = correct5 / n if run.data.num_classes > 10 else None
+    return correct1 / max(n, 1), top5
+
+
+def _write_metrics(path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    write_text_atomic(path, buf.getvalue())
+
+
+def train(run, resume: bool = False) -> list[dict]:
+    """Train ``run.model`` for ``train.epochs``; checkpoint and log each epoch; return the history."""
+    cfg, model, hooks = run.config.train, run.model, run.hooks
+    loader = run.data.loader("train", run.config.data.batch_size, seed=run.config.seed,
+                             num_workers=run.config.data.num_workers, n=run.config.data.n_train, drop_last=True)
+    val_loader = run.data.loader("test", 512, shuffle=False)
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.accumulate))
+    opt = build_optimizer(run.trainable_parameters(), cfg)
+    sched = build_scheduler(opt, steps_per_epoch, cfg)
+    history: list[dict] = []
+    start = 0
+    if resume:
+        state = load_checkpoint(run.dir, model, opt, sched)
+        start, history = state["epoch"], state.get("history", [])
+        run.log.info("resuming after epoch %d", start)
+    global_step = start * len(loader)
+    for epoch in range(start, cfg.epochs):
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        correct = seen = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=run.quiet)
+        for i, (x, y) in enumerate(bar):
+            batch = Batch(run.to_device(x), y.to(run.device, non_blocking=True))
+            ctx = Context(run=run, training=True, epoch=epoch, step=global_step)
+            with ctx.active(), autocast(run.device, cfg.amp):
+                batch = hooks.call("on_batch", batch=batch, ctx=ctx)
+                batch.logits = model(batch.x)
+                terms = LossTerms()
+                terms.add("ce", F.cross_entropy(batch.logits.float(), batch.y, reduction="none",
+                                                label_smoothing=cfg.label_smoothing))
+                hooks.call("on_loss", batch=batch, model=model, ctx=ctx, terms=terms)
+                values = terms.values()
+                loss = torch.stack(list(values.values())).sum()
+            if not torch.isfinite(loss):
+                bad = [n for n, v in values.items() if not torch.isfinite(v)]
+                raise RunFailure(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step "
+                                 f"{global_step + 1}); terms {bad} are not finite")
+            (loss / cfg.accumulate).backward()
+            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+            global_step += 1
+            for n, v in values.items():
+                sums[n] = sums.get(n, 0.0) + v.item()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            n_clean = batch.y.numel()
+            correct += (batch.logits[:n_clean].argmax(1) == batch.y).sum().item()
+            seen += n_clean
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        steps = len(loader)
+        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums.get("loss", 0) / steps,
+               "train_acc": correct / max(seen, 1)}
+        row.update({f"loss/{n}": v / steps for n, v in sums.items() if n != "loss"})
+        row["val_acc"], _ = evaluate_accuracy(run, val_loader, desc="val")
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        run.log.info("epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)", epoch + 1, cfg.epochs,
+                     row["train_loss"], row["train_acc"], row["val_acc"], row["seconds"])
+        save_checkpoint(run.dir, epoch + 1, model, opt, sched, extra={"history": history})
+        _write_metrics(run.dir / "metrics.csv", history)
+    if cfg.epochs == 0 or start >= cfg.epochs and not (run.dir / "checkpoints" / "last.json").exists():
+        save_checkpoint(run.dir, 0, model, extra={"history": history})
+    return history
