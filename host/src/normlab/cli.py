@@ -95,7 +95,12 @@ def _show(run_dir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(format="normlab: %(message)s", level=logging.INFO, stream=sys.stderr)
+    log = logging.getLogger("normlab")  # our messages only, not every library's INFO lines
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("normlab: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         if args.command == "plugins":
             return _plugins(args.json)

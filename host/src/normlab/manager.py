@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from . import hookspecs
-from .errors import RunFailure
+from .errors import RunFailure, UsageError
 
 __all__ = ["hookimpl", "PluginInfo", "discover", "Hooks", "ENV_VAR", "GROUP"]
 
@@ -138,7 +138,7 @@ class Hooks:
     def _invoke(self, hook_name: str, plugin: str, fn: Callable, argnames, kwargs: dict) -> Any:
         try:
             return fn(*[kwargs[a] for a in argnames])
-        except (RunFailure, KeyboardInterrupt):
+        except (RunFailure, UsageError, KeyboardInterrupt):
             raise
         except Exception as e:
             raise PluginError(plugin, hook_name, e) from e

@@ -28,7 +28,7 @@ from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_y
 from .context import Context
 from .data import DataBundle, build_data
 from .errors import UsageError
-from .evaluate import EVALUATORS, BuiltinEvaluators, Report
+from .evaluators import EVALUATORS, BuiltinEvaluators, Report
 from .manager import Hooks, PluginInfo, discover, inspect_plugin
 from .model import NormlabNet, apply_norm_hooks, create_backbone, load_state_file, load_weights, set_trainable
 from .train import train
@@ -56,7 +56,7 @@ class Run:
         self.config, self.source = config, source
         self.plugins, self.enabled = plugins, enabled
         self.plugin_configs, self.evaluators = plugin_configs, evaluators
-        self.hooks = Hooks([("normlab.evaluate", BuiltinEvaluators())]
+        self.hooks = Hooks([("normlab.evaluators", BuiltinEvaluators())]
                            + [(n, plugins[n].plugin) for n in enabled])
         self.quiet = quiet
         self.log = log

@@ -1,6 +1,6 @@
 """Evaluators and the report they fill.
 
-The host's evaluators are a built-in plugin (``normlab.evaluate``) whose
+The host's evaluators are a built-in plugin (``normlab.evaluators``) whose
 ``on_eval`` runs those named under ``evaluate:`` in the run file, each with its
 own settings model. Plugins add metrics from their own ``on_eval``.
 """

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))  # plugins_for_tests
+
+
+@pytest.fixture
+def tiny_config():
+    """A run that trains resnet18 for a few steps on a slice of the embedded data (seconds on CPU)."""
+    return {
+        "seed": 1,
+        "model": {"name": "resnet18"},
+        "data": {"name": "mnist", "batch_size": 64, "n_train": 256},
+        "train": {"epochs": 2, "lr": 0.05, "warmup_epochs": 0.5},
+        "evaluate": {"clean": {"n_examples": 200}},
+    }
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    import yaml
+
+    def write(data, name="run.yaml"):
+        path = tmp_path / name
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _no_plugin_env(monkeypatch):
+    monkeypatch.delenv("NORMLAB_LOAD_PLUGINS", raising=False)
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env

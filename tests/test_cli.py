@@ -1,0 +1,163 @@
+"""Bad input exits 2 with one line naming the file, key and expectation, and writes nothing."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from conftest import subprocess_env
+from normlab.cli import main
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BAD = {
+    "unknown plugin": ("plugins: {advnb: {}}", r"run.yaml: plugins: unknown plugin 'advnb' \(did you mean 'advbn'\?\)"),
+    "plugin not installed": ("plugins: [slim]", r"plugins: plugin 'slim' is not installed; install it with: pip install normlab-slim"),
+    "misspelled key": ("train: {epoch: 3}", r"run.yaml: train.epoch: unknown key \(did you mean 'epochs'\?\)"),
+    "misspelled top key": ("trian: {epochs: 3}", r"run.yaml: trian: unknown key \(did you mean 'train'\?\)"),
+    "wrong type": ("train: {lr: fast}", r"run.yaml: train.lr: Input should be a valid number.*\(got 'fast'\)"),
+    "negative epochs": ("train: {epochs: -1}", r"run.yaml: train.epochs: Input should be greater than or equal to 0 \(got -1\)"),
+    "missing data path": ("data: {name: imagefolder, root: /nonexistent/imagenet}", r"run.yaml: data.root: directory '/nonexistent/imagenet' does not exist"),
+    "yaml python tag": ("seed: !!python/object/apply:os.system ['echo pwned']", r"run.yaml: invalid YAML at line 1"),
+    "bad dataset": ("data: {name: svhn}", r"run.yaml: data.name: Input should be 'mnist', 'cifar10', 'cifar100' or 'imagefolder'"),
+    "unknown model": ("model: {name: resnet81}", r"run.yaml: model.name: unknown timm model 'resnet81' \(did you mean"),
+    "unknown evaluator": ("evaluate: {claen: {}}", r"run.yaml: evaluate.claen: unknown evaluator \(did you mean 'clean'\?\)"),
+    "bad evaluator setting": ("evaluate: {clean: {n_examples: 0}}", r"run.yaml: evaluate.clean.n_examples: Input should be greater than or equal to 1"),
+    "bad plugin setting": ("plugins: {noise: {sigma: -1}}", r"run.yaml: plugins.noise.sigma: Input should be greater than or equal to 0"),
+    "missing checkpoint": ("model: {checkpoint: /nonexistent/w.safetensors}", r"run.yaml: model.checkpoint: no such file"),
+    "bad trainable prefix": ("model: {trainable: [layer9]}", r"run.yaml: model.trainable: no parameter name starts with 'layer9'"),
+    "not a mapping": ("- 1\n- 2", r"run.yaml: expected a mapping of settings at the top level"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_run_file_exits_2_with_one_line_and_no_run_dir(case, tmp_path, write_yaml, capsys):
+    text, pattern = BAD[case]
+    path = write_yaml(text)
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(["run", path, "--out", out_dir], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not out_dir.exists()
+    assert "Traceback" not in err
+
+
+def test_yaml_python_tag_is_not_executed(tmp_path, write_yaml, capsys):
+    marker = tmp_path / "pwned"
+    path = write_yaml(f"seed: !!python/object/apply:os.system ['touch {marker}']")
+    code, _, _ = run_cli(["run", path, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and not marker.exists()
+
+
+def test_bad_overrides(tmp_path, write_yaml, capsys):
+    path = write_yaml("seed: 0")
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "o", "--set", "train.epochs"], capsys)
+    assert code == 2 and "--set train.epochs: expected dotted.key=value" in err
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "o", "--set", "train.epochs=-3"], capsys)
+    assert code == 2 and "train.epochs: Input should be greater than or equal to 0" in err
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "o", "--set", "seed.x=1"], capsys)
+    assert code == 2 and "seed is not a mapping" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_dir_is_refused(tmp_path, write_yaml, capsys):
+    path = write_yaml("seed: 0")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "exists and is not empty" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["keep.txt"]
+
+
+def test_offline_pretrained_is_a_clear_error(tmp_path, write_yaml):
+    # a fresh process: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+    path = write_yaml("model: {name: resnet18, pretrained: true}")
+    proc = subprocess.run([sys.executable, "-m", "normlab.cli", "run", str(path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=subprocess_env(HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.pretrained: timm's pretrained weights for 'resnet18' are not available" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_show_and_eval_on_missing_run(tmp_path, capsys):
+    code, _, err = run_cli(["show", tmp_path], capsys)
+    assert code == 2 and "no results.json" in err
+    code, _, err = run_cli(["eval", tmp_path], capsys)
+    assert code == 2 and "not a normlab run directory" in err
+
+
+def test_real_process_exit_status_and_single_line(tmp_path, write_yaml):
+    path = write_yaml("train: {epochs: -1}")
+    proc = subprocess.run([sys.executable, "-m", "normlab.cli", "run", str(path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"normlab: error: {path}: train.epochs: Input should be greater than or equal to 0 (got -1)"]
+
+
+def test_plugins_json_lists_installed_plugins_with_version_and_hooks(capsys):
+    code, out, _ = run_cli(["plugins", "--json"], capsys)
+    assert code == 0
+    listing = {p["name"]: p for p in json.loads(out)}
+    assert listing["noise"]["version"] == "0.1.0"
+    assert listing["noise"]["distribution"] == "normlab-noise"
+    assert listing["noise"]["hooks"] == ["on_batch"]
+    assert listing["noise"]["error"] is None
+
+
+def test_load_plugins_env_var(capsys, monkeypatch):
+    monkeypatch.setenv("NORMLAB_LOAD_PLUGINS", "")
+    code, out, _ = run_cli(["plugins", "--json"], capsys)
+    assert code == 0 and json.loads(out) == []
+    monkeypatch.setenv("NORMLAB_LOAD_PLUGINS", "noise")
+    code, out, _ = run_cli(["plugins", "--json"], capsys)
+    assert [p["name"] for p in json.loads(out)] == ["noise"]
+
+
+def _fake_distribution(root, name, module_source, ep_value):
+    """A distribution on sys.path whose entry point is `ep_value`, without pip."""
+    dist = root / f"{name.replace('-', '_')}-9.9.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 9.9\n")
+    (dist / "entry_points.txt").write_text(f"[normlab]\n{ep_value}\n")
+    mod, src = module_source
+    (root / f"{mod}.py").write_text(textwrap.dedent(src))
+
+
+def test_broken_plugin_is_listed_with_its_error_and_named_when_used(tmp_path, monkeypatch, capsys, write_yaml):
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_distribution(site, "normlab-broken", ("nl_broken", "import does_not_exist\n"), "broken = nl_broken")
+    _fake_distribution(site, "normlab-badhook", ("nl_badhook", """
+        from normlab import hookimpl
+        @hookimpl
+        def on_los(batch):
+            pass
+        """), "badhook = nl_badhook")
+    monkeypatch.syspath_prepend(str(site))
+    code, out, _ = run_cli(["plugins", "--json"], capsys)
+    assert code == 0
+    listing = {p["name"]: p for p in json.loads(out)}
+    assert "noise" in listing and listing["noise"]["error"] is None
+    assert "ModuleNotFoundError" in listing["broken"]["error"]
+    assert listing["broken"]["distribution"] == "normlab-broken"
+    assert "on_los" in listing["badhook"]["error"]
+    code, out, _ = run_cli(["plugins"], capsys)
+    assert code == 0 and "error: failed to import nl_broken" in out
+    path = write_yaml("plugins: [broken]")
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "plugin 'broken' is installed but failed to load" in err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,180 @@
+"""Training runs end to end: hooks fire, seeds reproduce, resume matches, failures exit 1."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import normlab
+from conftest import subprocess_env
+from normlab.cli import main
+from normlab.errors import RunFailure
+from plugins_for_tests import NaNAt, Raises, Recorder
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_the_run_directory(tiny_config, tmp_path):
+    res = normlab.run(tiny_config, out=tmp_path / "r", quiet=True)
+    d = res.dir
+    for name in ("run.yaml", "results.json", "metrics.csv", "checkpoints/last.json", "log.txt"):
+        assert (d / name).is_file(), name
+    results = json.loads((d / "results.json").read_text())
+    assert set(results) >= {"metrics", "timing", "plugins", "seed"}
+    assert 0.0 <= results["metrics"]["clean/acc"] <= 1.0
+    assert all(isinstance(v, float) for v in results["metrics"].values())
+    rows = read_metrics(d)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # the checkpoint holds exactly the model's tensors, and reloading reproduces the metric
+    state = load_file(str(d / "checkpoints" / "epoch-0002" / "model.safetensors"))
+    assert set(state) == set(res.model.state_dict())
+    again = normlab.evaluate(d, quiet=True)
+    assert again.metrics["clean/acc"] == res.metrics["clean/acc"]
+
+
+def test_same_seed_same_metrics_and_different_seed_differs(tiny_config, tmp_path):
+    a = normlab.run(tiny_config, out=tmp_path / "a", quiet=True)
+    b = normlab.run(tiny_config, out=tmp_path / "b", quiet=True)
+    assert read_metrics(a.dir) and [r["train_loss"] for r in read_metrics(a.dir)] == [
+        r["train_loss"] for r in read_metrics(b.dir)]
+    assert a.metrics == b.metrics
+    c = normlab.run(tiny_config, out=tmp_path / "c", overrides=["seed=2"], quiet=True)
+    assert [r["train_loss"] for r in read_metrics(c.dir)] != [r["train_loss"] for r in read_metrics(a.dir)]
+
+
+def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tiny_config, tmp_path, write_yaml):
+    tiny_config["train"]["epochs"] = 3
+    tiny_config["plugins"] = {"killer": {}}
+    path = write_yaml(tiny_config)
+    ref = normlab.run(path, out=tmp_path / "ref", plugins={"killer": Killer()}, quiet=True)
+    # kill -9 in the middle of the second epoch (epoch index 1, step 2 of 4)
+    script = ("import normlab, plugins_for_tests as p; "
+              f"normlab.run({str(path)!r}, out={str(tmp_path / 'cut')!r}, plugins={{'killer': p.Killer()}}, quiet=True)")
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(NORMLAB_TEST_KILL_AT="1:2"),
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    cut = tmp_path / "cut"
+    assert json.loads((cut / "checkpoints" / "last.json").read_text())["epoch"] == 1
+    assert not (cut / "results.json").exists()
+    res = normlab.run(path, out=cut, resume=True, plugins={"killer": Killer()}, quiet=True)
+    assert res.metrics == ref.metrics
+    ref_rows, cut_rows = read_metrics(ref.dir), read_metrics(cut)
+    assert [r["train_loss"] for r in cut_rows] == [r["train_loss"] for r in ref_rows]
+    assert [r["val_acc"] for r in cut_rows] == [r["val_acc"] for r in ref_rows]
+
+
+def Killer():
+    from plugins_for_tests import Killer as K
+
+    return K()
+
+
+def test_resume_refuses_a_different_run_file(tiny_config, tmp_path, write_yaml, capsys):
+    path = write_yaml(tiny_config)
+    normlab.run(path, out=tmp_path / "r", quiet=True)
+    code = main(["run", str(path), "--out", str(tmp_path / "r"), "--resume", "--set", "train.lr=0.3"])
+    assert code == 2 and "differs from the run being resumed (in: train)" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_exit_1_naming_the_step(tiny_config, tmp_path):
+    with pytest.raises(RunFailure, match=r"non-finite loss at epoch 1, step 4 \(global step 4\); terms \['boom'\]"):
+        normlab.run({**tiny_config, "plugins": {"nan": {}}}, out=tmp_path / "r", plugins={"nan": NaNAt()}, quiet=True)
+
+
+def test_cli_exit_1_names_the_plugin_that_raised(tiny_config, tmp_path, write_yaml):
+    path = write_yaml({**tiny_config, "plugins": ["raises"]})
+    script = ("import sys, normlab.runner as r, normlab.cli as c, plugins_for_tests as p; "
+              "orig = r.run; r.run = lambda *a, **k: orig(*a, plugins={'raises': p.Raises()}, **k); "
+              f"sys.exit(c.main(['run', {str(path)!r}, '--out', {str(tmp_path / 'o')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "normlab: run failed: plugin 'raises' failed in on_batch: RuntimeError: deliberate" in proc.stderr
+
+
+def test_every_hook_fires_in_order(tiny_config, tmp_path):
+    rec = Recorder()
+    tiny_config["train"]["epochs"] = 1
+    res = normlab.run({**tiny_config, "plugins": ["rec"]}, out=tmp_path / "r", plugins={"rec": rec}, quiet=True)
+    calls = rec.calls
+    assert calls[0] == "on_model"
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in res.model.modules())
+    assert sum(1 for c in calls if c[0] == "on_batch_norm") == n_bn == 20
+    steps = 256 // 64
+    assert calls.count("on_batch") == steps
+    assert [c for c in calls if c[0] == "on_loss"] == [("on_loss", ("ce",))] * steps
+    feats = [c for c in calls if c[0] == "on_feature"]
+    assert feats[0] == ("on_feature", "layer1", (64, 64, 8, 8))
+    i_dom = calls.index(("on_domain", "clean", 200))
+    # the clean evaluation (one batch of 200, features included) runs between adaptation and restore
+    assert calls[i_dom + 1] == ("on_feature", "layer1", (200, 64, 8, 8))
+    assert calls[i_dom + 2] == ("restore", "clean") and calls[-1] == "on_eval"
+    assert res.metrics["recorder/seen"] == 1.0
+
+
+def test_trainable_prefixes_freeze_the_rest(tiny_config, tmp_path):
+    tiny_config["model"]["trainable"] = ["layer4", "fc"]
+    res = normlab.run(tiny_config, out=tmp_path / "r", quiet=True)
+    torch.manual_seed(tiny_config["seed"])
+    import timm
+
+    fresh = timm.create_model("resnet18", num_classes=10)
+    trained = res.model.backbone.state_dict()
+    for name, p in fresh.named_parameters():
+        same = torch.equal(p, trained[name])
+        assert same != (name.startswith("layer4.") or name.startswith("fc.")), name
+
+
+def test_init_from_another_run_and_from_a_timm_state_dict(tiny_config, tmp_path):
+    base = normlab.run(tiny_config, out=tmp_path / "base", quiet=True)
+    cfg = {**tiny_config, "model": {"name": "resnet18", "checkpoint": str(base.dir)},
+           "train": {**tiny_config["train"], "epochs": 0}}
+    again = normlab.run(cfg, out=tmp_path / "again", quiet=True)
+    assert again.metrics["clean/acc"] == base.metrics["clean/acc"]
+    torch.save(base.model.backbone.state_dict(), tmp_path / "w.pt")
+    cfg["model"]["checkpoint"] = str(tmp_path / "w.pt")
+    third = normlab.run(cfg, out=tmp_path / "third", quiet=True)
+    assert third.metrics["clean/acc"] == base.metrics["clean/acc"]
+
+
+def test_gradient_accumulation_takes_fewer_optimizer_steps(tiny_config, tmp_path):
+    tiny_config["train"].update(epochs=1, schedule="constant", warmup_epochs=0)
+    one = normlab.run(tiny_config, out=tmp_path / "one", quiet=True)
+    two = normlab.run({**tiny_config, "train": {**tiny_config["train"], "accumulate": 2}}, out=tmp_path / "two",
+                      quiet=True)
+    s1 = json.loads((one.dir / "checkpoints/epoch-0001/state.json").read_text())["scheduler"]
+    s2 = json.loads((two.dir / "checkpoints/epoch-0001/state.json").read_text())["scheduler"]
+    assert (s1["last_epoch"], s2["last_epoch"]) == (4, 2)
+
+
+def test_third_party_noise_plugin_by_name(tiny_config, tmp_path):
+    """The example package is pip-installed; the run file names it; it changes training."""
+    tiny_config["train"]["epochs"] = 1
+    plain = normlab.run(tiny_config, out=tmp_path / "plain", quiet=True)
+    noisy = normlab.run({**tiny_config, "plugins": {"noise": {"sigma": 0.3}}}, out=tmp_path / "noisy", quiet=True)
+    assert json.loads((noisy.dir / "results.json").read_text())["plugins"] == {"noise": "0.1.0"}
+    assert read_metrics(noisy.dir)[0]["train_loss"] != read_metrics(plain.dir)[0]["train_loss"]
+    zero = normlab.run({**tiny_config, "plugins": {"noise": {"sigma": 0.0}}}, out=tmp_path / "zero", quiet=True)
+    assert read_metrics(zero.dir)[0]["train_loss"] == read_metrics(plain.dir)[0]["train_loss"]
+
+
+def test_noise_plugin_adds_noise_of_the_right_scale():
+    from normlab.context import Context
+    from normlab.data import Batch
+    import normlab_noise
+
+    class FakeRun:
+        def plugin_config(self, name):
+            return normlab_noise.Config(sigma=0.05)
+
+    torch.manual_seed(0)
+    x = torch.full((64, 3, 32, 32), 0.5)
+    out = normlab_noise.on_batch(Batch(x.clone(), torch.zeros(64)), Context(run=FakeRun()))
+    assert abs((out.x - 0.5).std().item() - 0.05) < 0.002
+    assert out.x.min() >= 0 and out.x.max() <= 1
