@@ -129,6 +129,10 @@ def test_trainable_prefixes_freeze_the_rest(tiny_config, tmp_path):
     for name, p in fresh.named_parameters():
         same = torch.equal(p, trained[name])
         assert same != (name.startswith("layer4.") or name.startswith("fc.")), name
+    # BN statistics outside the trainable prefixes are left alone too
+    for name, b in fresh.named_buffers():
+        if "running" in name:
+            assert torch.equal(b, trained[name]) != name.startswith("layer4."), name
 
 
 def test_init_from_another_run_and_from_a_timm_state_dict(tiny_config, tmp_path):

@@ -103,6 +103,17 @@ class Run:
         prefixes = self.config.model.trainable if self.config.model.trainable is not None else self.trainable
         return set_trainable(self.model, prefixes, self.source)
 
+    def train_mode(self) -> None:
+        """``model.train()``, except that BN layers outside the trainable prefixes keep their statistics."""
+        self.model.train()
+        prefixes = self.config.model.trainable if self.config.model.trainable is not None else self.trainable
+        if prefixes is None:
+            return
+        for name, m in self.model.backbone.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                    name == p or name.startswith(p.rstrip(".") + ".") for p in prefixes):
+                m.eval()
+
     # --- building --------------------------------------------------------
     def build(self, load_init: bool = True) -> None:
         cfg = self.config

@@ -143,7 +143,7 @@ def train(run, resume: bool = False) -> list[dict]:
     global_step = start * len(loader)
     for epoch in range(start, cfg.epochs):
         loader.sampler.set_epoch(epoch)
-        model.train()
+        run.train_mode()
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         correct = seen = 0

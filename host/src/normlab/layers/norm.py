@@ -37,14 +37,16 @@ class NormAct(nn.Module):
 
 
 def _plain_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """A plain ``nn.BatchNorm2d`` with ``bn``'s settings, parameters and buffers."""
+    """A plain ``nn.BatchNorm2d`` with ``bn``'s settings, tensors (device, dtype) and frozen flags."""
     out = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                          track_running_stats=bn.track_running_stats)
-    own = {k: v for k, v in bn.state_dict().items() if "." not in k}
-    out.load_state_dict(own)
-    out.train(bn.training)
-    p = next(iter(bn.state_dict().values()), None)
-    return out.to(p.device) if p is not None else out
+    ref = next(iter(bn.state_dict().values()), None)
+    if ref is not None:
+        out.to(device=ref.device, dtype=bn.weight.dtype if bn.affine else ref.dtype)
+    out.load_state_dict({k: v for k, v in bn.state_dict().items() if "." not in k})
+    for name, p in out.named_parameters(recurse=False):
+        p.requires_grad_(getattr(bn, name).requires_grad)
+    return out.train(bn.training)
 
 
 def as_norm_act(module: nn.Module) -> NormAct:
@@ -60,8 +62,8 @@ def as_norm_act(module: nn.Module) -> NormAct:
         drop = getattr(module, "drop", None)
         act = getattr(module, "act", None)
         if drop is None and act is None:
-            return NormAct(module)
-        return NormAct(_plain_bn(module), drop=drop, act=act)
+            return NormAct(module).train(module.training)
+        return NormAct(_plain_bn(module), drop=drop, act=act).train(module.training)
     raise TypeError(f"as_norm_act: expected a BatchNorm2d or NormAct, got {type(module).__name__}")
 
 
