@@ -161,3 +161,17 @@ def test_broken_plugin_is_listed_with_its_error_and_named_when_used(tmp_path, mo
     code, _, err = run_cli(["run", path, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "plugin 'broken' is installed but failed to load" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_hook_wrappers_are_rejected_with_the_plugin_named():
+    from normlab import hookimpl
+    from normlab.manager import inspect_plugin
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def on_batch(self, batch, ctx):
+            return (yield)
+
+    info = inspect_plugin("wrap", Wrapper())
+    assert info.error == ("invalid plugin: ValueError: on_batch: hook wrappers are not supported "
+                          "(the host calls hooks in order)")

@@ -8,6 +8,7 @@ INSTALLED = {
     "condition": PluginSpec("condition", requires=("pgd",)),
     "nf": PluginSpec("nf", conflicts=("bnrect", "condition"), extra={"conflict_reasons": {"bnrect": "no BN left"}}),
     "bnrect": PluginSpec("bnrect"),
+    "late": PluginSpec("late", after=("advbn",)),
     "broken": PluginSpec("broken", error="failed to import broken: ImportError: nope"),
 }
 
@@ -44,3 +45,10 @@ def test_broken_plugin_and_duplicates():
         resolve(["broken"], INSTALLED)
     with pytest.raises(ResolutionError, match="listed twice"):
         resolve(["pgd", "pgd"], INSTALLED)
+
+
+def test_after_order_is_enforced_only_when_both_are_enabled():
+    assert resolve(["advbn", "late"], INSTALLED) == ["advbn", "late"]
+    assert resolve(["late"], INSTALLED) == ["late"]
+    with pytest.raises(ResolutionError, match="plugin 'late' must be listed after 'advbn'"):
+        resolve(["late", "advbn"], INSTALLED)

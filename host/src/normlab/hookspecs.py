@@ -11,6 +11,8 @@ Besides hooks, a plugin module may define these attributes:
     Tuples of plugin names, checked before anything is built or trained.
 ``conflict_reasons``
     ``{other_name: "why"}``, shown when a conflict is reported.
+``after``
+    Plugin names that, when also enabled, must come earlier in ``plugins``.
 ``knobs``
     Names of the test-time knobs the plugin honours (``lam``, ``width``,
     ``route``); evaluators may sweep them.

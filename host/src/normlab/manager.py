@@ -45,13 +45,14 @@ class PluginInfo:
     requires: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
     conflict_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    after: tuple[str, ...] = ()
     knobs: tuple[str, ...] = ()
     error: str | None = None
 
     def as_dict(self) -> dict:
         return {
             "name": self.name, "distribution": self.distribution, "version": self.version, "package": self.module,
-            "hooks": self.hooks, "requires": list(self.requires), "conflicts": list(self.conflicts),
+            "hooks": self.hooks, "requires": list(self.requires), "conflicts": list(self.conflicts), "after": list(self.after),
             "knobs": list(self.knobs), "error": self.error,
         }
 
@@ -70,7 +71,12 @@ def _validate(name: str, plugin: Any) -> list[str]:
     pm.add_hookspecs(hookspecs)
     pm.register(plugin, name=name)
     pm.check_pending()
-    return sorted(c.name for c in pm.get_hookcallers(plugin) or ())
+    callers = pm.get_hookcallers(plugin) or ()
+    for caller in callers:
+        for impl in caller.get_hookimpls():
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                raise ValueError(f"{caller.name}: hook wrappers are not supported (the host calls hooks in order)")
+    return sorted(c.name for c in callers)
 
 
 def inspect_plugin(name: str, plugin: Any, **meta: Any) -> PluginInfo:
@@ -81,6 +87,7 @@ def inspect_plugin(name: str, plugin: Any, **meta: Any) -> PluginInfo:
         info.requires = tuple(getattr(plugin, "requires", ()))
         info.conflicts = tuple(getattr(plugin, "conflicts", ()))
         info.conflict_reasons = dict(getattr(plugin, "conflict_reasons", {}))
+        info.after = tuple(getattr(plugin, "after", ()))
         info.knobs = tuple(getattr(plugin, "knobs", ()))
     except Exception as e:  # pluggy.PluginValidationError and friends
         info.error = f"invalid plugin: {type(e).__name__}: {str(e).splitlines()[0]}"

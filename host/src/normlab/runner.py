@@ -196,8 +196,9 @@ def prepare(config: RunConfig, source: str, extra_plugins: Mapping[str, Any] | N
     installed = discover()
     for name, obj in (extra_plugins or {}).items():
         installed[name] = inspect_plugin(name, obj, distribution="(passed to normlab.run)")
-    specs = {n: PluginSpec(n, i.requires, i.conflicts, i.distribution, i.error,
-                           {"conflict_reasons": i.conflict_reasons}) for n, i in installed.items()}
+    specs = {n: PluginSpec(n, requires=i.requires, conflicts=i.conflicts, distribution=i.distribution,
+                           after=i.after, error=i.error, extra={"conflict_reasons": i.conflict_reasons})
+             for n, i in installed.items()}
     try:
         enabled = resolve(list(config.plugins), specs)
     except ResolutionError as e:

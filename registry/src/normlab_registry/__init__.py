@@ -48,6 +48,7 @@ class PluginSpec:
     requires: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
     distribution: str | None = None
+    after: tuple[str, ...] = ()  # plugins that, when enabled, must be listed before this one
     error: str | None = None  # set when the plugin is installed but failed to import
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -69,8 +70,9 @@ def resolve(requested: Sequence[str], installed: Mapping[str, PluginSpec]) -> li
     ResolutionError, with a one-line message, for: a duplicate name; a name
     that is neither installed nor in the catalogue (with a "did you mean");
     a catalogued name that is not installed (with the distribution to install);
-    an installed plugin that failed to import; a missing requirement; and any
-    declared conflict, in either direction.
+    an installed plugin that failed to import; a missing requirement; any
+    declared conflict, in either direction; and a plugin listed before one it
+    must follow (its ``after``).
     """
     seen: set[str] = set()
     for name in requested:
@@ -102,4 +104,7 @@ def resolve(requested: Sequence[str], installed: Mapping[str, PluginSpec]) -> li
                 raise ResolutionError(
                     f"plugins {a!r} and {b!r} conflict" + (f": {why}" if why else "")
                 )
+        for prior in spec.after:
+            if prior in seen and enabled.index(prior) > enabled.index(name):
+                raise ResolutionError(f"plugin {name!r} must be listed after {prior!r} in `plugins`")
     return enabled
