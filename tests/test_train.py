@@ -24,7 +24,7 @@ def read_metrics(run_dir):
 def test_run_writes_the_run_directory(tiny_config, tmp_path):
     res = normlab.run(tiny_config, out=tmp_path / "r", quiet=True)
     d = res.dir
-    for name in ("run.yaml", "results.json", "metrics.csv", "checkpoints/last.json", "log.txt"):
+    for name in ("run.yaml", "results.json", "metrics.csv", "checkpoints/last.json", "log.txt", "plots/training.png"):
         assert (d / name).is_file(), name
     results = json.loads((d / "results.json").read_text())
     assert set(results) >= {"metrics", "timing", "plugins", "seed"}

@@ -31,6 +31,7 @@ from .errors import UsageError
 from .evaluators import EVALUATORS, BuiltinEvaluators, Report
 from .manager import Hooks, PluginInfo, discover, inspect_plugin
 from .model import NormlabNet, apply_norm_hooks, create_backbone, load_state_file, load_weights, set_trainable
+from .plots import training_curves
 from .train import train
 
 __all__ = ["Run", "RunResult", "prepare", "run", "evaluate", "load_model"]
@@ -298,6 +299,7 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
         t0 = time.perf_counter()
         history = train(r, resume=resume)
         timing = {"train": time.perf_counter() - t0}
+        training_curves(history, run_dir / "plots" / "training.png")
         metrics = _evaluate(r, timing)
         _write_results(r, metrics, timing)
         return RunResult(run_dir, metrics, r.model, history)

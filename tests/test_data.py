@@ -1,0 +1,67 @@
+"""The data sources: the embedded split, the real torchvision and ImageFolder loaders."""
+
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import normlab
+from normlab.config import DataConfig
+from normlab.data import build_data, embedded_mnist
+from normlab.errors import UsageError
+
+
+def test_embedded_split_is_fixed_stratified_and_real():
+    train, test = embedded_mnist()
+    assert (len(train), len(test)) == (4000, 1000)
+    assert torch.bincount(train.labels).tolist() == [400] * 10
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert 0.0 == x.min() and x.max() == 1.0
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    assert x[:, :2].abs().sum() == 0 and x[:, :, -2:].abs().sum() == 0  # the 2-pixel pad
+    # no digit appears in both splits
+    tr = {bytes(img.numpy()) for img in train.images}
+    assert not any(bytes(img.numpy()) in tr for img in test.images)
+    xb, yb = test.__getitems__([0, 999])
+    assert xb.shape == (2, 3, 32, 32) and yb.tolist() == [0, 9]
+
+
+def test_eval_subsets_are_a_fixed_draw_over_all_classes():
+    data = build_data(DataConfig())
+    loader = data.loader("test", 100, shuffle=False, n=100)
+    (x, y), = list(loader)
+    assert len(set(y.tolist())) == 10
+    (x2, y2), = list(data.loader("test", 100, shuffle=False, n=100))
+    assert torch.equal(y, y2)
+
+
+def test_cifar_offline_is_a_clear_usage_error(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UsageError, match=r"data.root: could not find or download cifar10 under .*place the torchvision"):
+        build_data(DataConfig(name="cifar10", root=str(tmp_path)), "run.yaml")
+
+
+def test_image_folder_trains_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 8)):
+        for c, colour in enumerate(((220, 30, 30), (30, 30, 220))):
+            d = tmp_path / "imgs" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    cfg = {"model": {"name": "resnet18"}, "data": {"name": "imagefolder", "root": str(tmp_path / "imgs"),
+                                                   "batch_size": 8},
+           "train": {"epochs": 2, "lr": 0.05}}
+    res = normlab.run(cfg, out=tmp_path / "run", quiet=True)
+    assert res.metrics["clean/acc"] >= 0.9  # red vs blue is easy
+    data = build_data(DataConfig(name="imagefolder", root=str(tmp_path / "imgs")))
+    assert data.num_classes == 2 and data.test[0][0].shape == (3, 32, 32)
