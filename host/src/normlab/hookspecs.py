@@ -156,7 +156,7 @@ def on_eval(model, ctx, report):
     :param ctx: the evaluation :class:`~normlab.context.Context`; ``ctx.run`` gives
         the configuration, data and ``ctx.run.domain(...)`` (which applies
         :func:`on_domain` around a block).
-    :param report: a :class:`~normlab.evaluators.Report`; ``report.add(key, value)``
+    :param report: a :class:`~normlab.evals.Report`; ``report.add(key, value)``
         with slash-separated keys (``clean/acc``).
     :return: ignored.
 

@@ -28,7 +28,7 @@ from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_y
 from .context import Context
 from .data import DataBundle, build_data
 from .errors import UsageError
-from .evaluators import EVALUATORS, BuiltinEvaluators, Report
+from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .manager import Hooks, PluginInfo, discover, inspect_plugin
 from .model import NormlabNet, apply_norm_hooks, create_backbone, load_state_file, load_weights, set_trainable
 from .plots import training_curves

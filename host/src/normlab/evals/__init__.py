@@ -1,30 +1,34 @@
 """Evaluators and the report they fill.
 
 The host's evaluators are a built-in plugin (``normlab.evaluators``) whose
-``on_eval`` runs those named under ``evaluate:`` in the run file, each with its
-own settings model. Plugins add metrics from their own ``on_eval``.
+``on_eval`` runs those named under ``evaluate:`` in the run file, in that
+order, each with its own settings model. Every module in this package lists
+its evaluators in a module-level ``EVALUATORS``; plugins add metrics from their
+own ``on_eval``.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 from typing import Any, Callable
 
 from pydantic import Field
 
-from .config import Strict
-from .context import Context
-from .manager import hookimpl
-from .train import evaluate_accuracy
+from ..config import Strict
+from ..context import Context
+from ..manager import hookimpl
 
-__all__ = ["Report", "EVALUATORS", "Evaluator", "CleanConfig"]
+__all__ = ["Report", "Evaluator", "EvalSettings", "EVALUATORS", "BuiltinEvaluators", "test_loader"]
 
 
 class Report:
-    """Flat metrics with slash-separated keys (``clean/acc``), numbers only."""
+    """Flat metrics with slash-separated keys (``clean/acc``), numbers only; plots by name."""
 
     def __init__(self):
         self.metrics: dict[str, float] = {}
+        self.plots: dict[str, str] = {}
 
     def add(self, key: str, value: float) -> None:
         value = float(value)
@@ -44,33 +48,31 @@ class EvalSettings(Strict):
     batch_size: int = Field(256, ge=1)
 
 
-class CleanConfig(EvalSettings):
-    pass
-
-
 class Evaluator:
-    """A named evaluator: its settings model and the function that runs it."""
+    """A named evaluator: its settings model and ``fn(model, ctx, report, settings)``."""
 
     def __init__(self, name: str, config: type[Strict], fn: Callable[[Any, Context, Report, Any], None], doc: str):
         self.name, self.config, self.fn, self.doc = name, config, fn, doc
 
 
-def _clean(model, ctx: Context, report: Report, cfg: CleanConfig) -> None:
-    run = ctx.run
-    loader = run.data.loader("test", cfg.batch_size, shuffle=False, n=cfg.n_examples)
-    samples = next(iter(loader))[0]
-    with run.domain("clean", samples, ctx):
-        top1, top5 = evaluate_accuracy(run, loader, desc="clean", ctx=ctx)
-    report.add("clean/acc", top1)
-    if top5 is not None:
-        report.add("clean/top5", top5)
+def test_loader(run, cfg: EvalSettings, shuffle: bool = False):
+    """The test split as an evaluator's settings ask (its subset size and batch size)."""
+    return run.data.loader("test", cfg.batch_size, shuffle=shuffle, n=cfg.n_examples)
 
 
-EVALUATORS: dict[str, Evaluator] = {
-    e.name: e for e in (
-        Evaluator("clean", CleanConfig, _clean, "top-1 accuracy on the test split (top-5 above 10 classes)"),
-    )
-}
+def _collect() -> dict[str, Evaluator]:
+    found: dict[str, Evaluator] = {}
+    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
+        for ev in importlib.import_module(f"{__name__}.{mod.name}").EVALUATORS:
+            if ev.name in found:
+                raise RuntimeError(f"evaluator {ev.name!r} is defined twice")
+            found[ev.name] = ev
+    return found
+
+
+EVALUATORS: dict[str, Evaluator] = _collect()
 
 
 class BuiltinEvaluators:
