@@ -72,3 +72,25 @@ class Recorder:
     def on_eval(self, model, ctx, report):
         self.calls.append("on_eval")
         report.add("recorder/seen", 1.0)
+
+
+class FlipAtHighLam:
+    """Declares the knob `lam`; its head negates the logits when the context's lam >= 0.5."""
+
+    knobs = ("lam",)
+
+    class Head(torch.nn.Module):
+        def __init__(self, fc):
+            super().__init__()
+            self.fc = fc
+
+        def forward(self, x):
+            from normlab.context import current
+
+            out = self.fc(x)
+            lam = current().lam
+            return -out if lam is not None and float(lam.flatten()[0]) >= 0.5 else out
+
+    @hookimpl
+    def on_model(self, model, run):
+        model.fc = self.Head(model.fc)

@@ -1,4 +1,4 @@
-"""``normlab`` command line: run, eval, plugins, show.
+"""``normlab`` command line: run, eval, plugins, show, compare.
 
 Exit status 0 on success, 2 on bad input (one line naming the file, key and
 what was expected), 1 on a failure during the run.
@@ -40,12 +40,27 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="print a run's results table")
     s.add_argument("run_dir")
+    s.add_argument("--all", action="store_true", help="every key, per-severity corruption keys included")
+
+    c = sub.add_parser("compare", help="print runs side by side")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--keys", help="comma list of metric keys (default: the headline metrics present)")
     return p
 
 
-def results_table(results: dict) -> str:
+HEADLINE = ("clean/acc", "pgd/acc", "autoattack/acc", "corruptions/acc", "corruptions/mce", "corruptions/error",
+            "style/acc")
+
+
+def _detail(key: str) -> bool:
+    """Per-severity corruption keys and per-layer divergence keys: shown with --all only."""
+    parts = key.split("/")
+    return (parts[0] == "corruptions" and len(parts) == 4) or (parts[0] == "divergence" and parts[-1] != "mean")
+
+
+def results_table(results: dict, everything: bool = True) -> str:
     """The results table of a results.json mapping."""
-    metrics = results.get("metrics", {})
+    metrics = {k: v for k, v in results.get("metrics", {}).items() if everything or not _detail(k)}
     if not metrics:
         return "(no metrics)"
     width = max(len(k) for k in metrics)
@@ -81,7 +96,7 @@ def _plugins(as_json: bool) -> int:
     return EXIT_OK
 
 
-def _show(run_dir: str) -> int:
+def _results(run_dir: str) -> dict:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise UsageError(f"{run_dir}: no results.json (not a finished normlab run)")
@@ -89,7 +104,51 @@ def _show(run_dir: str) -> int:
         results = json.loads(path.read_text())
     except ValueError as e:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
-    print(results_table(results))
+    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
+        raise UsageError(f"{path}: no `metrics` object")
+    return results
+
+
+def _show(run_dir: str, everything: bool) -> int:
+    print(results_table(_results(run_dir), everything))
+    hidden = [k for k in _results(run_dir)["metrics"] if _detail(k)]
+    if hidden and not everything:
+        print(f"({len(hidden)} per-severity/per-layer keys hidden; --all shows them)")
+    plots = sorted((Path(run_dir) / "plots").glob("*.png"))
+    if plots:
+        print("plots: " + ", ".join(str(p) for p in plots))
+    return EXIT_OK
+
+
+def compare_table(runs: dict[str, dict], keys: list[str] | None = None) -> str:
+    """Runs side by side: one row per metric key, one column per run."""
+    metrics = {name: r["metrics"] for name, r in runs.items()}
+    if keys is None:
+        present = {k for m in metrics.values() for k in m}
+        keys = [k for k in HEADLINE if k in present]
+        keys += sorted(k for k in present if k.startswith("style/") and k.count("/") == 2)
+        keys += sorted(k for k in present if k.startswith("sweep/") and k.count("/") == 3 and k.endswith("/acc"))
+    names = list(runs)
+    kw = max([len("metric")] + [len(k) for k in keys])
+    cw = [max(8, len(n)) for n in names]
+    lines = ["  ".join([f"{'metric':<{kw}}"] + [f"{n:>{w}}" for n, w in zip(names, cw)]),
+             "  ".join(["-" * kw] + ["-" * w for w in cw])]
+    for k in keys:
+        cells = [f"{metrics[n][k]:>{w}.4f}" if k in metrics[n] else f"{'-':>{w}}" for n, w in zip(names, cw)]
+        lines.append("  ".join([f"{k:<{kw}}"] + cells))
+    seeds = [str(runs[n].get("seed", "?")) for n in names]
+    lines.append("  ".join([f"{'seed':<{kw}}"] + [f"{s:>{w}}" for s, w in zip(seeds, cw)]))
+    return "\n".join(lines)
+
+
+def _compare(run_dirs: list[str], keys: str | None) -> int:
+    runs = {}
+    for d in run_dirs:
+        name = Path(d).resolve().name
+        while name in runs:
+            name += "'"
+        runs[name] = _results(d)
+    print(compare_table(runs, [k.strip() for k in keys.split(",") if k.strip()] if keys else None))
     return EXIT_OK
 
 
@@ -105,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plugins":
             return _plugins(args.json)
         if args.command == "show":
-            return _show(args.run_dir)
+            return _show(args.run_dir, args.all)
+        if args.command == "compare":
+            return _compare(args.run_dirs, args.keys)
         from . import runner
 
         quiet = True if args.quiet else None
@@ -113,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             result = runner.run(args.file, out=args.out, overrides=args.overrides, resume=args.resume, quiet=quiet)
         else:
             result = runner.evaluate(args.run_dir, overrides=args.overrides, quiet=quiet)
-        print(results_table(json.loads((result.dir / "results.json").read_text())))
+        print(results_table(json.loads((result.dir / "results.json").read_text()), everything=False))
         print(f"\nrun directory: {result.dir}")
         return EXIT_OK
     except UsageError as e:

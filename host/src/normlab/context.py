@@ -8,6 +8,7 @@ nested forward with ``ctx.using(route="adv")``.
 Per-sample fields (``lam``, ``condition``, a per-sample ``route``) have the
 batch as their first dimension; :meth:`Context.subset` selects samples from all
 of them at once, so a plugin that forwards part of the batch keeps them aligned.
+A one-row tensor (a test-time knob) stands for every sample and is kept as is.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class Context:
             v = getattr(self, f)
             if isinstance(v, Routing):
                 changes[f] = v.subset(sel)
-            elif isinstance(v, torch.Tensor) and v.dim() > 0:
+            elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1:
                 changes[f] = v[sel]
         return dataclasses.replace(self, **changes)
 

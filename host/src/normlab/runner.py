@@ -220,7 +220,11 @@ def prepare(config: RunConfig, source: str, extra_plugins: Mapping[str, Any] | N
             raise UsageError(f"{source}: evaluate.{name}: unknown evaluator" + did_you_mean(name, list(EVALUATORS))
                              + f"; available: {', '.join(EVALUATORS)}")
         evaluators[name] = validate_section(EVALUATORS[name].config, settings, source, f"evaluate.{name}")
-    return Run(config, source, installed, enabled, plugin_configs, evaluators, quiet)
+    run = Run(config, source, installed, enabled, plugin_configs, evaluators, quiet)
+    for name, settings in evaluators.items():
+        if EVALUATORS[name].check is not None:
+            EVALUATORS[name].check(run, settings)
+    return run
 
 
 def _load_config(config: str | Path | Mapping | RunConfig, overrides: Sequence[str]) -> tuple[RunConfig, str]:

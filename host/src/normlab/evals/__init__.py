@@ -49,10 +49,16 @@ class EvalSettings(Strict):
 
 
 class Evaluator:
-    """A named evaluator: its settings model and ``fn(model, ctx, report, settings)``."""
+    """A named evaluator: its settings model and ``fn(model, ctx, report, settings)``.
 
-    def __init__(self, name: str, config: type[Strict], fn: Callable[[Any, Context, Report, Any], None], doc: str):
-        self.name, self.config, self.fn, self.doc = name, config, fn, doc
+    ``check(run, settings)``, when given, runs before anything is built or
+    trained and raises UsageError for settings that depend on the run (a knob
+    no enabled plugin declares, ...).
+    """
+
+    def __init__(self, name: str, config: type[Strict], fn: Callable[[Any, Context, Report, Any], None], doc: str,
+                 check: Callable[[Any, Any], None] | None = None):
+        self.name, self.config, self.fn, self.doc, self.check = name, config, fn, doc, check
 
 
 def test_loader(run, cfg: EvalSettings, shuffle: bool = False):

@@ -15,7 +15,8 @@ class FiLM(nn.Module):
 
     ``scale`` and ``shift`` are two-layer MLPs over the (N, cond_dim) condition;
     their last layers start at zero, so a fresh FiLM is the identity. With no
-    condition in the context (None) FiLM is the identity too.
+    condition in the context (None) FiLM is the identity too. A one-row
+    condition applies to every sample.
     """
 
     def __init__(self, num_features: int, cond_dim: int, hidden: int | None = None):
@@ -35,7 +36,7 @@ class FiLM(nn.Module):
         c = current().condition
         if c is None:
             return x
-        if c.shape[0] != x.shape[0]:
+        if c.shape[0] not in (1, x.shape[0]):  # one row (a test-time knob) applies to the whole batch
             raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {x.shape[0]}")
         c = c.to(dtype=self.scale[0].weight.dtype)
         scale = self.scale(c).to(x.dtype)[:, :, None, None]

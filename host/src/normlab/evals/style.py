@@ -1,0 +1,151 @@
+"""``style``: appearance-shift domains that keep the object and change its look.
+
+For the embedded digits (white strokes on black), three generated domains:
+
+- ``invert``: ``1 - x`` (black digits on white).
+- ``color``: the stroke intensity blends a random foreground colour over a random
+  background colour, one pair per image: one colour has every channel in
+  [0.7, 1], the other in [0, 0.3], and which one is the digit is a coin flip.
+- ``texture``: MNIST-M-like: ``|patch - x|`` where ``patch`` is a random 32x32
+  crop of one of scikit-image's bundled natural images (astronaut, chelsea,
+  coffee, rocket, brick, grass, gravel), as MNIST-M blends digits into BSDS500
+  patches.
+
+Each domain is drawn once from ``seed``, so every run sees the same images. For
+ImageNet-style data, ``folders`` names ImageFolder trees (Sketch, Stylized, ...)
+with the same classes as the training data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..errors import UsageError
+from ..train import evaluate_accuracy
+from . import EvalSettings, Evaluator
+
+GENERATED = ("invert", "color", "texture")
+TEXTURE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel")
+
+
+class StyleConfig(EvalSettings):
+    domains: list[str] | None = Field(
+        None, description=f"generated domains among {GENERATED} (default: all three for mnist, none otherwise)")
+    folders: dict[str, str] = Field(default_factory=dict, description="domain name -> ImageFolder directory")
+    seed: int = Field(0, ge=0, description="seed of the generated domains")
+
+
+def invert(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return 1.0 - x
+
+
+def color(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    light = 0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g)
+    dark = 0.3 * torch.rand(n, 3, 1, 1, generator=g)
+    swap = torch.rand(n, 1, 1, 1, generator=g) < 0.5  # light digits on dark, or the reverse
+    fg, bg = torch.where(swap, dark, light), torch.where(swap, light, dark)
+    alpha = x.mean(1, keepdim=True)
+    return alpha * fg + (1 - alpha) * bg
+
+
+_TEXTURES: list[torch.Tensor] = []
+
+
+def _textures() -> list[torch.Tensor]:
+    if not _TEXTURES:
+        import skimage.data
+
+        for name in TEXTURE_IMAGES:
+            img = np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0
+            if img.ndim == 2:
+                img = np.repeat(img[..., None], 3, axis=2)
+            _TEXTURES.append(torch.from_numpy(img[..., :3]).permute(2, 0, 1).contiguous())
+    return _TEXTURES
+
+
+def texture(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    textures = _textures()
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(n):
+        tex = textures[int(torch.randint(len(textures), (1,), generator=g))]
+        top = int(torch.randint(tex.shape[1] - h + 1, (1,), generator=g))
+        left = int(torch.randint(tex.shape[2] - w + 1, (1,), generator=g))
+        out[i] = (tex[:, top:top + h, left:left + w] - x[i]).abs()
+    return out
+
+
+SHIFTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "invert": invert, "color": color, "texture": texture,
+}
+
+
+def generated_domain(run, name: str, cfg: StyleConfig):
+    """(images, labels) of generated domain ``name`` over the evaluator's test subset."""
+    loader = run.data.loader("test", 1024, shuffle=False, n=cfg.n_examples)
+    g = torch.Generator().manual_seed(cfg.seed * 1009 + GENERATED.index(name))
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(SHIFTS[name](x, g).clamp_(0, 1))
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _folder_loader(run, name: str, path: str, cfg: StyleConfig):
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"{run.source}: evaluate.style.folders.{name}: directory {str(root)!r} does not exist")
+    size = run.data.image_size
+    ds = datasets.ImageFolder(root, T.Compose([T.Resize(int(round(size / 0.875))), T.CenterCrop(size),
+                                                 T.ToTensor()]))
+    train_classes = getattr(run.data.test, "classes", None)
+    if train_classes is not None and ds.classes != train_classes:
+        raise UsageError(f"{run.source}: evaluate.style.folders.{name}: classes differ from the training data")
+    if cfg.n_examples is not None and cfg.n_examples < len(ds):
+        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:cfg.n_examples]
+        ds = torch.utils.data.Subset(ds, keep.tolist())
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
+
+
+def domains(run, cfg: StyleConfig) -> list[str]:
+    names = cfg.domains if cfg.domains is not None else (list(GENERATED) if run.data.name == "mnist" else [])
+    for name in names:
+        if name not in GENERATED:
+            raise UsageError(f"{run.source}: evaluate.style.domains: unknown domain {name!r}; "
+                             f"generated domains are {', '.join(GENERATED)} (ImageFolders go under `folders`)")
+    return names
+
+
+def style(model, ctx, report, cfg: StyleConfig) -> None:
+    run = ctx.run
+    names = domains(run, cfg)
+    if not names and not cfg.folders:
+        raise UsageError(f"{run.source}: evaluate.style: no domains: name generated `domains` or ImageFolder "
+                         f"`folders` (generated domains default to all only for mnist)")
+    accs = []
+    for name in names:
+        x, y = generated_domain(run, name, cfg)
+        loader = [(x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]) for i in range(0, len(y), cfg.batch_size)]
+        with run.domain(f"style/{name}", loader[0][0], ctx):
+            acc, _ = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
+        report.add(f"style/{name}/acc", acc)
+        accs.append(acc)
+    for name, path in cfg.folders.items():
+        loader = _folder_loader(run, name, path, cfg)
+        with run.domain(f"style/{name}", next(iter(loader))[0], ctx):
+            acc, _ = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
+        report.add(f"style/{name}/acc", acc)
+        accs.append(acc)
+    report.add("style/acc", sum(accs) / len(accs))
+
+
+EVALUATORS = [Evaluator("style", StyleConfig, style, "accuracy on appearance-shifted domains of the test split")]

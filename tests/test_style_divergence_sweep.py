@@ -1,0 +1,121 @@
+"""Style domains, feature divergence, knob sweeps and the comparison table."""
+
+import json
+
+import pytest
+import torch
+
+import normlab
+from normlab.cli import compare_table, main
+from normlab.evals.divergence import ChannelStats, symmetric_kl
+from normlab.evals.style import color, invert, texture
+from plugins_for_tests import FlipAtHighLam
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64}, "train": {"epochs": 2, "lr": 0.05},
+           "evaluate": {"clean": {"n_examples": 200}}}
+    return normlab.run(cfg, out=tmp_path_factory.mktemp("style") / "run", quiet=True)
+
+
+def digits(n=16):
+    x = torch.zeros(n, 3, 32, 32)
+    x[:, :, 8:24, 14:18] = 1.0  # a bar: stroke pixels 1, background 0
+    return x
+
+
+def test_invert_and_color_by_value():
+    x = digits()
+    assert torch.equal(invert(x, torch.Generator()), 1 - x)
+    out = color(x, torch.Generator().manual_seed(0))
+    fg, bg = out[:, :, 10, 15], out[:, :, 0, 0]
+    assert ((fg - bg).abs() >= 0.4 - 1e-6).all()
+    assert (torch.maximum(fg, bg) >= 0.7).all() and (torch.minimum(fg, bg) <= 0.3).all()
+    assert torch.equal(out[:, :, 0, 0], out[:, :, 31, 31])  # one background colour per image
+    again = color(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and not torch.equal(out, color(x, torch.Generator().manual_seed(1)))
+
+
+def test_texture_is_abs_difference_with_a_natural_patch():
+    x = digits(4)
+    out = texture(x, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() <= 1
+    assert out[:, :, :4].std() > 0.01  # a texture, not a flat colour
+    # with the same draw, a stroke pixel (1) shows 1 - patch where a background pixel (0) shows the patch
+    x2 = x.clone()
+    x2[:, :, 10, 15] = 0.0
+    out2 = texture(x2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[:, :, 10, 15], 1 - out2[:, :, 10, 15])
+
+
+def test_symmetric_kl_closed_form():
+    m0, v1 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert float(symmetric_kl(m0, v1, m0, v1)) == pytest.approx(0.0, abs=1e-12)
+    # N(0,1) vs N(1,1): each KL is 1/2
+    assert float(symmetric_kl(m0, v1, m0 + 1, v1)) == pytest.approx(1.0)
+    # N(0,1) vs N(0,4): KL = log 2 + 1/8 - 1/2 and log(1/2) + 2 - 1/2
+    expect = (torch.log(torch.tensor(2.0)) + 1 / 8 - 0.5) + (torch.log(torch.tensor(0.5)) + 2 - 0.5)
+    assert float(symmetric_kl(m0, v1, m0, 4 * v1)) == pytest.approx(float(expect))
+    a, b = (torch.rand(5, dtype=torch.float64) for _ in range(2))
+    assert float(symmetric_kl(a, b + 0.1, b, a + 0.1)) == pytest.approx(float(symmetric_kl(b, a + 0.1, a, b + 0.1)))
+
+
+def test_channel_stats_match_torch():
+    f = torch.randn(6, 4, 5, 5) * torch.tensor([1.0, 2.0, 0.5, 3.0])[None, :, None, None] + 1.5
+    st = ChannelStats()
+    st(None, None, f[:4])
+    st(None, None, f[4:])
+    mean, var = st.mean_var()
+    torch.testing.assert_close(mean, f.double().mean((0, 2, 3)))
+    torch.testing.assert_close(var, f.double().var((0, 2, 3), unbiased=False))
+
+
+def test_style_and_divergence_end_to_end(trained):
+    res = normlab.evaluate(trained.dir, overrides=[
+        "evaluate={style: {n_examples: 200}, divergence: {n_examples: 100, domains: [invert, texture]}}"], quiet=True)
+    m = res.metrics
+    for d in ("invert", "color", "texture"):
+        assert 0.0 <= m[f"style/{d}/acc"] <= 1.0
+    assert m["style/acc"] == pytest.approx((m["style/invert/acc"] + m["style/color/acc"] + m["style/texture/acc"]) / 3)
+    assert m["style/acc"] < trained.metrics["clean/acc"]  # a model trained on plain digits loses accuracy
+    layers = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    assert all(m[f"divergence/texture/{layer}"] > 0 for layer in layers)
+    assert (trained.dir / "plots" / "divergence.png").stat().st_size > 1000
+    saved = json.loads((trained.dir / "results.json").read_text())["metrics"]
+    assert saved["clean/acc"] == trained.metrics["clean/acc"] and "style/texture/acc" in saved
+
+
+def test_sweep_over_a_declared_knob(trained, tmp_path):
+    cfg = {"seed": 0, "model": {"checkpoint": str(trained.dir)}, "data": {"n_train": 64}, "train": {"epochs": 0},
+           "plugins": ["flip"],
+           "evaluate": {"clean": {"n_examples": 200},
+                        "sweep": {"knob": "lam", "values": [0, 0.25, 1], "evaluators": {"clean": {"n_examples": 200}}}}}
+    res = normlab.run(cfg, out=tmp_path / "s", plugins={"flip": FlipAtHighLam()}, quiet=True)
+    m = res.metrics
+    assert m["sweep/lam=0/clean/acc"] == m["clean/acc"] == m["sweep/lam=0.25/clean/acc"]
+    assert m["sweep/lam=1/clean/acc"] < 0.05  # negated logits pick the least likely class
+    assert (res.dir / "plots" / "sweep_lam.png").is_file()
+
+
+def test_sweep_of_an_undeclared_knob_is_refused_before_training(tmp_path, write_yaml, capsys):
+    path = write_yaml({"evaluate": {"sweep": {"knob": "lam", "values": [0, 1]}}})
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "evaluate.sweep.knob: no enabled plugin declares knob 'lam'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    path = write_yaml({"evaluate": {"sweep": {"knob": "depth", "values": [0]}}})
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "evaluate.sweep: Value error, knob must be one of" in capsys.readouterr().err
+
+
+def test_compare_table_marks_missing_metrics():
+    table = compare_table({"base": {"metrics": {"clean/acc": 0.9, "style/acc": 0.4, "style/invert/acc": 0.2},
+                                    "seed": 0},
+                           "advbn": {"metrics": {"clean/acc": 0.89, "pgd/acc": 0.1}, "seed": 1}})
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "base", "advbn"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert rows["clean/acc"] == ["0.9000", "0.8900"]
+    assert rows["pgd/acc"] == ["-", "0.1000"]
+    assert rows["style/invert/acc"] == ["0.2000", "-"]
+    assert rows["seed"] == ["0", "1"]
