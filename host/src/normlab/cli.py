@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run again without training")
     e.add_argument("run_dir")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--as", dest="name", metavar="NAME",
+                   help="store the new metrics as NAME/<key> beside the earlier ones")
     e.add_argument("--quiet", action="store_true")
 
     pl = sub.add_parser("plugins", help="list installed plugins")
@@ -90,7 +92,7 @@ def _plugins(as_json: bool) -> int:
             print(f"  error: {i['error']}")
             continue
         print(f"  hooks: {', '.join(i['hooks']) or '-'}")
-        for key in ("requires", "conflicts", "knobs"):
+        for key in ("requires", "conflicts", "after", "knobs"):
             if i[key]:
                 print(f"  {key}: {', '.join(i[key])}")
     return EXIT_OK
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             result = runner.run(args.file, out=args.out, overrides=args.overrides, resume=args.resume, quiet=quiet)
         else:
-            result = runner.evaluate(args.run_dir, overrides=args.overrides, quiet=quiet)
+            result = runner.evaluate(args.run_dir, overrides=args.overrides, quiet=quiet, name=args.name)
         print(results_table(json.loads((result.dir / "results.json").read_text()), everything=False))
         print(f"\nrun directory: {result.dir}")
         return EXIT_OK

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from .errors import UsageError
 
 __all__ = [
-    "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "Strict",
+    "RunConfig", "ModelConfig", "RobustbenchModel", "DataConfig", "TrainConfig", "Strict",
     "load_run_file", "parse_run", "apply_overrides", "validate_section", "format_validation_error",
 ]
 
@@ -29,6 +31,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RobustbenchModel(Strict):
+    """A robustbench model-zoo entry as the backbone, loaded with ``robustbench.utils.load_model``.
+
+    Its weights are read from ``{model_dir}/{dataset}/{threat_model}/{name}.pt``
+    (robustbench's layout); normlab never lets robustbench download them.
+    """
+
+    name: str = Field(..., min_length=1, description="zoo name, e.g. 'Standard' or 'Hendrycks2020AugMix_WRN'")
+    dataset: Literal["cifar10", "cifar100", "imagenet"] = "cifar10"
+    threat_model: Literal["Linf", "L2", "corruptions"] = "Linf"
+    model_dir: str = Field("./models", description="robustbench's model_dir (its default: ./models)")
+
+
 class ModelConfig(Strict):
     name: str = Field("resnet18", description="any timm model name")
     pretrained: bool = Field(False, description="start from timm's pretrained weights (needs them cached offline)")
@@ -37,6 +52,24 @@ class ModelConfig(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
     trainable: list[str] | None = Field(
         None, description="train only parameters whose backbone name starts with one of these prefixes")
+    robustbench: RobustbenchModel | None = Field(
+        None, description="a robustbench zoo model as the backbone instead of a timm model (name, pretrained and "
+                          "kwargs then stay at their defaults; the model normalises its [0, 1] inputs itself)")
+
+    @field_validator("robustbench")
+    @classmethod
+    def _robustbench_replaces_timm(cls, v: RobustbenchModel | None, info: ValidationInfo) -> RobustbenchModel | None:
+        """The rule: with ``robustbench`` set, the timm-only keys must keep their defaults."""
+        if v is None:
+            return v
+        set_keys = [f"model.{k}={info.data[k]!r}" for k in ("name", "pretrained", "kwargs")
+                    if k in info.data and info.data[k] != cls.model_fields[k].get_default(call_default_factory=True)]
+        if set_keys:
+            raise PydanticCustomError(
+                "robustbench_with_timm",
+                "a robustbench zoo model replaces the timm backbone: leave model.name, model.pretrained and "
+                "model.kwargs at their defaults (got {got})", {"got": ", ".join(set_keys)})
+        return v
 
 
 class DataConfig(Strict):

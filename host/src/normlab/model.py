@@ -11,7 +11,8 @@ from torch import nn
 from .errors import UsageError
 from .layers.norm import map_norms
 
-__all__ = ["Normalize", "NormlabNet", "create_backbone", "load_state_file", "load_weights", "set_trainable"]
+__all__ = ["Normalize", "NormlabNet", "create_backbone", "input_stats", "robustbench_backbone", "load_state_file",
+           "load_weights", "set_trainable"]
 
 
 class Normalize(nn.Module):
@@ -43,7 +44,13 @@ class NormlabNet(nn.Module):
 
 
 def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
-    """``timm.create_model`` with run-file errors (unknown name, weights unavailable offline)."""
+    """``timm.create_model`` with run-file errors (unknown name, weights unavailable offline).
+
+    With ``model.robustbench`` set, the backbone is that robustbench zoo model
+    instead (:func:`robustbench_backbone`).
+    """
+    if cfg.robustbench is not None:
+        return robustbench_backbone(cfg.robustbench, num_classes, source)
     import timm
 
     if not timm.is_model(cfg.name):
@@ -63,6 +70,89 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
             f"({type(e).__name__}); without a network, put them in the Hugging Face cache (HF_HOME) or "
             f"set model.checkpoint to a weights file"
         ) from None
+
+
+def input_stats(cfg: Any, data: Any, source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the model's :class:`Normalize` layer for run config ``cfg`` and data bundle ``data``.
+
+    The data's statistics for a timm backbone; the identity (mean 0, std 1) for
+    a robustbench zoo model, which takes [0, 1] inputs and normalises them itself.
+    """
+    if cfg.model.robustbench is None:
+        return tuple(data.mean), tuple(data.std)
+    for key in ("mean", "std"):
+        if getattr(cfg.data, key) is not None:
+            raise UsageError(f"{source}: data.{key}: not used with model.robustbench (a robustbench zoo model "
+                             f"normalises its [0, 1] inputs itself); leave it unset")
+    channels = len(data.mean)
+    return (0.0,) * channels, (1.0,) * channels
+
+
+def robustbench_backbone(rb_cfg: Any, num_classes: int, source: str) -> nn.Module:
+    """A robustbench zoo model loaded by ``robustbench.utils.load_model`` from its offline checkpoint.
+
+    The checkpoint must already be at ``{model_dir}/{dataset}/{threat_model}/{name}.pt``
+    (ensembles: ``{name}.pt_m{i}.pt``): a missing file is a one-line UsageError,
+    never a download. Zoo entries whose weights robustbench takes from timm
+    (the XCiT models) or torchvision (ImageNet ``Standard_R50``) need those
+    libraries' caches instead.
+    """
+    import warnings
+
+    from .adapters.robustbench import RobustbenchUnavailable, import_robustbench
+
+    key = "model.robustbench"
+    try:
+        import_robustbench()
+    except RobustbenchUnavailable as e:
+        raise UsageError(f"{source}: {key}: {e}") from None
+    import timm
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.utils import DATASET_CLASSES, load_model
+
+    dataset, threat = BenchmarkDataset(rb_cfg.dataset), ThreatModel(rb_cfg.threat_model)
+    zoo = model_dicts[dataset][threat]
+    name = rb_cfg.name
+    if name not in zoo:
+        from normlab_registry import did_you_mean
+
+        raise UsageError(f"{source}: {key}.name: {name!r} is not in robustbench's {dataset.value}/{threat.value} "
+                         f"model zoo" + did_you_mean(name, list(zoo)))
+    classes = DATASET_CLASSES[dataset]
+    if classes != num_classes:
+        raise UsageError(f"{source}: {key}.dataset: a {dataset.value} zoo model has {classes} classes but the "
+                         f"run's data has {num_classes}")
+    entry = zoo[name]
+    timm_name = f"{name.lower().replace('-', '_')}_{dataset.value.lower()}_{threat.value.lower()}"
+    folder = Path(rb_cfg.model_dir).expanduser() / dataset.value / threat.value
+    if timm.is_model(timm_name):
+        where = f"timm's pretrained weights for {timm_name!r} (the Hugging Face cache, HF_HOME)"
+    elif dataset == BenchmarkDataset.imagenet and "Standard" in name:
+        where = "torchvision's pretrained weights (the torch hub cache, TORCH_HOME)"
+    else:
+        ids = entry["gdrive_id"]
+        files = [folder / f"{name}.pt"] if not isinstance(ids, list) else [
+            folder / f"{name}.pt_m{i}.pt" for i in range(len(ids))]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise UsageError(f"{source}: {key}.name: no checkpoint for robustbench model {name!r}: expected "
+                             f"{', '.join(str(f) for f in missing)} (robustbench's layout "
+                             f"MODEL_DIR/{dataset.value}/{threat.value}/{name}.pt; normlab does not download it)")
+        where = ", ".join(str(f) for f in files)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_model(name, model_dir=str(Path(rb_cfg.model_dir).expanduser()), dataset=dataset,
+                               threat_model=threat)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        hint = (" (the file holds more than tensors: torch.load's weights_only default refuses it; "
+                "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 lifts that for a file you trust)"
+                if "weights_only" in str(e) else "")
+        raise UsageError(f"{source}: {key}.name: cannot load robustbench model {name!r} from {where} "
+                         f"({type(e).__name__}: {first}){hint}") from None
+    return model
 
 
 def load_state_file(path: str | Path, source: str, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:

@@ -30,7 +30,8 @@ from .data import DataBundle, build_data
 from .errors import UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .manager import Hooks, PluginInfo, discover, inspect_plugin
-from .model import NormlabNet, apply_norm_hooks, create_backbone, load_state_file, load_weights, set_trainable
+from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
+                    set_trainable)
 from .plots import training_curves
 from .train import train
 
@@ -68,6 +69,7 @@ class Run:
         self.dir: Path | None = None
         self.features: list[str] = []
         self.trainable: list[str] | None = None
+        self.state: dict[str, Any] = {}  # plugins' per-run scratch, by plugin name
 
     # --- API for plugins -------------------------------------------------
     def plugin_config(self, name: str) -> Any:
@@ -123,7 +125,7 @@ class Run:
             torch.set_num_threads(cfg.train.threads)
         self.data = build_data(cfg.data, self.source)
         backbone = create_backbone(cfg.model, self.data.num_classes, self.source)
-        model = NormlabNet(backbone, self.data.mean, self.data.std)
+        model = NormlabNet(backbone, *input_stats(cfg, self.data, self.source))
         if load_init and cfg.model.checkpoint:
             load_weights(model, load_state_file(cfg.model.checkpoint, self.source), self.source, "model.checkpoint")
         self.model = model
@@ -304,31 +306,35 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
         history = train(r, resume=resume)
         timing = {"train": time.perf_counter() - t0}
         training_curves(history, run_dir / "plots" / "training.png")
-        metrics = _evaluate(r, timing)
-        _write_results(r, metrics, timing)
-        return RunResult(run_dir, metrics, r.model, history)
+        report = _evaluate(r, timing)
+        _write_results(r, report, timing)
+        return RunResult(run_dir, report.metrics, r.model, history)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def _evaluate(r: Run, timing: dict) -> dict[str, float]:
+def _evaluate(r: Run, timing: dict, name: str | None = None) -> Report:
     t0 = time.perf_counter()
     r.model.eval()
     report = Report()
     r.hooks.call("on_eval", model=r.model, ctx=Context(run=r), report=report)
-    timing["eval"] = time.perf_counter() - t0
-    return report.metrics
+    timing[f"{name}/eval" if name else "eval"] = time.perf_counter() - t0
+    if name:
+        report.metrics = {f"{name}/{k}": v for k, v in report.metrics.items()}
+        report.records = {f"{name}/{k}": v for k, v in report.records.items()}
+    return report
 
 
-def _write_results(r: Run, metrics: dict, timing: dict) -> None:
+def _write_results(r: Run, report: Report, timing: dict) -> None:
+    """Merge into results.json: metrics and records of earlier evaluations stay unless recomputed."""
     path = r.dir / "results.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    merged = {**previous.get("metrics", {}), **metrics}
     write_json_atomic(path, {
-        "metrics": merged,
+        "metrics": {**previous.get("metrics", {}), **report.metrics},
         "timing": {**previous.get("timing", {}), **timing},
-        "plugins": {n: r.plugins[n].version for n in r.enabled},
+        "plugins": {**previous.get("plugins", {}), **{n: r.plugins[n].version for n in r.enabled}},
+        "records": {**previous.get("records", {}), **report.records},
         "seed": r.config.seed,
         "normlab": __version__,
     })
@@ -348,15 +354,22 @@ def _from_run_dir(run_dir: str | Path, overrides: Sequence[str], plugins, quiet)
 
 
 def evaluate(run_dir: str | Path, *, overrides: Sequence[str] = (), plugins: Mapping[str, Any] | None = None,
-             quiet: bool | None = None) -> RunResult:
-    """Evaluate a finished run again (other evaluators or knobs via ``overrides``) without training."""
+             quiet: bool | None = None, name: str | None = None) -> RunResult:
+    """Evaluate a finished run again (other evaluators, plugins or knobs via ``overrides``) without training.
+
+    With ``name``, the new metrics are stored as ``NAME/<key>`` beside the
+    earlier ones (for instance ``bnrect/corruptions/acc`` next to
+    ``corruptions/acc``); otherwise they replace keys of the same name.
+    """
+    if name is not None and (not name or "/" in name):
+        raise UsageError(f"--as {name!r}: expected a name without '/'")
     r = _from_run_dir(run_dir, overrides, plugins, quiet)
     handler = _setup_logging(r.dir)
     try:
         timing: dict = {}
-        metrics = _evaluate(r, timing)
-        _write_results(r, metrics, timing)
-        return RunResult(r.dir, metrics, r.model, [])
+        report = _evaluate(r, timing, name)
+        _write_results(r, report, timing)
+        return RunResult(r.dir, report.metrics, r.model, [])
     finally:
         log.removeHandler(handler)
         handler.close()

@@ -6,8 +6,9 @@ module that robustbench 1.1.1 imports:
 
 - constructor: keyword-only ``attacks=`` instead of ``attacks_to_run=``; no
   ``verbose``, ``is_tf_model`` or ``log_path`` arguments;
-- ``run_standard_evaluation(x, y, batch_size=...)`` instead of ``bs=...``, with
-  no ``return_labels``.
+- ``run_standard_evaluation(x, y, batch_size=...)`` instead of ``bs=...``, and
+  it always returns ``(x_adv, y_adv)`` where the original returns ``x_adv``
+  (or the pair with ``return_labels=True``).
 
 :class:`AutoAttack` accepts the original signature and forwards to
 pyautoattack; the attacks themselves are pyautoattack's, unchanged.
@@ -42,12 +43,8 @@ class AutoAttack(pyautoattack.AutoAttack):
 
     def run_standard_evaluation(self, x_orig, y_orig, bs: int = 250, return_labels: bool = False,
                                 state_path=None):
-        x_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=bs, state_path=state_path)
-        if return_labels:
-            with __import__("torch").no_grad():
-                labels = self.model(x_adv.to(self.device)).argmax(1)
-            return x_adv, labels
-        return x_adv
+        x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=bs, state_path=state_path)
+        return (x_adv, y_adv) if return_labels else x_adv
 
 
 def install_module_alias() -> None:

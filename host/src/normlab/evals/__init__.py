@@ -24,10 +24,15 @@ __all__ = ["Report", "Evaluator", "EvalSettings", "EVALUATORS", "BuiltinEvaluato
 
 
 class Report:
-    """Flat metrics with slash-separated keys (``clean/acc``), numbers only; plots by name."""
+    """Flat metrics with slash-separated keys (``clean/acc``), numbers only.
+
+    ``records`` holds what is not a number but belongs in results.json (which
+    samples a plugin adapted on, ...); ``plots`` maps names to PNG paths.
+    """
 
     def __init__(self):
         self.metrics: dict[str, float] = {}
+        self.records: dict[str, object] = {}
         self.plots: dict[str, str] = {}
 
     def add(self, key: str, value: float) -> None:

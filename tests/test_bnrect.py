@@ -1,0 +1,184 @@
+"""BN rectification: adapted statistics equal the adaptation batch's, variants, exact restore, routes."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import normlab
+import normlab_bnrect as bnrect
+from normlab.context import Context
+from normlab.layers import RoutedNorm, as_norm_act, map_norms
+from normlab.model import NormlabNet
+from normlab_registry import PluginSpec, ResolutionError, resolve
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(name="resnet18"):
+    torch.manual_seed(0)
+    net = NormlabNet(timm.create_model(name, num_classes=10), (0.5,) * 3, (0.25,) * 3)
+    # non-trivial source statistics
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.rand(16, 3, 32, 32))
+    return net.eval()
+
+
+def input_batch_stats(model, x):
+    """Per-BN mean and unbiased variance of each BN's input, from forward hooks on a train-mode copy."""
+    ref = copy.deepcopy(model).train()
+    stats = {}
+
+    def hook(name):
+        def fn(mod, inputs, out):
+            f = inputs[0].transpose(0, 1).flatten(1)
+            stats[name] = (f.mean(1), f.var(1, unbiased=True))
+        return fn
+
+    for n, m in ref.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(hook(n))
+    with torch.no_grad():
+        ref(x)
+    return stats
+
+
+def snapshot(model):
+    return {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_adapted_statistics_equal_the_batch_statistics_and_restore_is_exact(name):
+    model = make_model(name)
+    x = torch.rand(32, 3, 32, 32) * 0.6 + 0.4  # a shifted domain
+    expected = input_batch_stats(model, x)
+    before = snapshot(model)
+    undo, used, n = bnrect.rectify(model, x, bnrect.Config())
+    assert n == 32 and len(used) == len(expected)
+    for layer, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(m.running_mean, expected[layer][0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.running_var, expected[layer][1], rtol=1e-4, atol=1e-5)
+            assert not m.training and m.momentum == 0.1
+    undo()
+    for layer, (mean, var, count) in snapshot(model).items():
+        assert torch.equal(mean, before[layer][0]) and torch.equal(var, before[layer][1])
+        assert torch.equal(count, before[layer][2])
+
+
+def test_efficientnet_keeps_fused_activations_after_adaptation():
+    model = make_model("efficientnet_b0")
+    x = torch.rand(32, 3, 32, 32)
+    undo, _, _ = bnrect.rectify(model, x, bnrect.Config())
+    bn2 = model.backbone.bn2
+    assert isinstance(bn2.act, nn.SiLU)
+    with torch.no_grad():
+        out = bn2(torch.randn(4, bn2.num_features, 2, 2))
+    assert out.min() >= -0.2785  # SiLU still applied
+    undo()
+
+
+def test_mean_only_and_variance_only():
+    x = torch.rand(32, 3, 32, 32)
+    for adapt, kept, changed in (("mean", 1, 0), ("var", 0, 1)):
+        model = make_model()
+        before = snapshot(model)
+        undo, _, _ = bnrect.rectify(model, x, bnrect.Config(adapt=adapt))
+        after = snapshot(model)
+        for layer in before:
+            assert torch.equal(after[layer][kept], before[layer][kept]), (adapt, layer)
+            assert not torch.equal(after[layer][changed], before[layer][changed]), (adapt, layer)
+        undo()
+
+
+def test_thirds_and_name_filter_change_only_their_layers():
+    x = torch.rand(32, 3, 32, 32)
+    model = make_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    k = len(names)
+    for part, chosen in (("front", names[:k // 3]), ("middle", names[k // 3:2 * k // 3]), ("end", names[2 * k // 3:])):
+        before = snapshot(model)
+        undo, used, _ = bnrect.rectify(model, x, bnrect.Config(part=part))
+        after = snapshot(model)
+        assert sorted(used) == sorted(chosen)
+        for layer in names:
+            assert torch.equal(after[layer][0], before[layer][0]) == (layer not in chosen)
+        undo()
+    undo, used, _ = bnrect.rectify(model, x, bnrect.Config(layers=["layer4"]))
+    assert used and all(u.startswith("backbone.layer4.") for u in used)
+    undo()
+
+
+def test_prior_mixing_weights():
+    x = torch.rand(8, 3, 32, 32)
+    model = make_model()
+    before = snapshot(model)
+    expected = input_batch_stats(model, x)
+    undo, _, _ = bnrect.rectify(model, x, bnrect.Config(prior=24, n_samples=8))
+    w = 24 / (24 + 8)
+    for layer, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(m.running_mean, w * before[layer][0] + (1 - w) * expected[layer][0],
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.running_var, w * before[layer][1] + (1 - w) * expected[layer][1],
+                                       rtol=1e-4, atol=1e-5)
+    undo()
+
+
+def test_routed_bn_rectifies_only_the_route_in_use():
+    model = make_model()
+    map_norms(model.backbone, lambda name, m: _routed(m))
+    before = snapshot(model)
+    x = torch.rand(32, 3, 32, 32)
+    undo, used, _ = bnrect.rectify(model, x, bnrect.Config(), Context(route="aux"))
+    after = snapshot(model)
+    aux = [n for n in before if n.endswith("routes.1")]
+    main = [n for n in before if n.endswith("routes.0")]
+    assert sorted(used) == sorted(aux) and len(aux) == 20
+    assert all(torch.equal(after[n][0], before[n][0]) for n in main)
+    assert all(not torch.equal(after[n][0], before[n][0]) for n in aux)
+    undo()
+    assert all(torch.equal(snapshot(model)[n][1], before[n][1]) for n in before)
+
+
+def _routed(m):
+    na = as_norm_act(m)
+    na.norm = RoutedNorm.copies(na.norm, ("main", "aux"))
+    return na
+
+
+def test_registry_declares_the_nf_conflict():
+    spec = PluginSpec("bnrect", conflicts=bnrect.conflicts, extra={"conflict_reasons": bnrect.conflict_reasons})
+    with pytest.raises(ResolutionError, match="'bnrect' and 'nf' conflict: nf removes every BN layer"):
+        resolve(["nf", "bnrect"], {"bnrect": spec, "nf": PluginSpec("nf")})
+
+
+def test_end_to_end_acc_and_acc_star_on_style_domains(tmp_path):
+    cfg = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64}, "train": {"epochs": 2, "lr": 0.05},
+           "evaluate": {"clean": {"n_examples": 300}, "style": {"n_examples": 300}}}
+    base = normlab.run(cfg, out=tmp_path / "run", quiet=True)
+    again = normlab.evaluate(base.dir, overrides=["plugins.bnrect={n_samples: 32}"], name="bnrect", quiet=True)
+    import json
+
+    results = json.loads((base.dir / "results.json").read_text())
+    m = results["metrics"]
+    for d in ("invert", "color", "texture"):
+        assert f"style/{d}/acc" in m and f"bnrect/style/{d}/acc" in m
+    assert m["style/acc"] == base.metrics["style/acc"]  # the unadapted numbers are kept
+    rec = results["records"]["bnrect/bnrect"]["domains"]
+    assert rec["style/invert"] == {"n_samples": 32, "bn_layers": 20} and "clean" not in rec
+    assert m["bnrect/clean/acc"] == m["clean/acc"]  # the source domain is not adapted by default
+    # re-estimating statistics on the inverted digits recovers accuracy the source statistics lose
+    assert m["bnrect/style/invert/acc"] > m["style/invert/acc"]
+    assert again.metrics["bnrect/style/acc"] == m["bnrect/style/acc"]
