@@ -22,6 +22,8 @@ BAD = {
     "unknown plugin": ("plugins: {advnb: {}}", r"run.yaml: plugins: unknown plugin 'advnb' \(did you mean 'advbn'\?\)"),
     "plugin not installed": ("plugins: [slim]", r"plugins: plugin 'slim' is not installed; install it with: pip install normlab-slim"),
     "misspelled key": ("train: {epoch: 3}", r"run.yaml: train.epoch: unknown key \(did you mean 'epochs'\?\)"),
+    "misspelled nested optional key": ("model: {robustbench: {name: Standard, datset: cifar10}}",
+                                       r"run.yaml: model.robustbench.datset: unknown key \(did you mean 'dataset'\?\)"),
     "misspelled top key": ("trian: {epochs: 3}", r"run.yaml: trian: unknown key \(did you mean 'train'\?\)"),
     "wrong type": ("train: {lr: fast}", r"run.yaml: train.lr: Input should be a valid number.*\(got 'fast'\)"),
     "negative epochs": ("train: {epochs: -1}", r"run.yaml: train.epochs: Input should be greater than or equal to 0 \(got -1\)"),

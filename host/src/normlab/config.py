@@ -210,12 +210,16 @@ def format_validation_error(source: str, err: ValidationError, prefix: str = "",
 
 
 def _owner(model: Any, loc: tuple) -> Any:
-    """The pydantic model that holds the field at ``loc``."""
+    """The pydantic model that holds the field at ``loc`` (looking inside ``X | None``)."""
+    import typing
+
     for part in loc:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
         model = field.annotation
+        if not hasattr(model, "model_fields"):
+            model = next((a for a in typing.get_args(model) if hasattr(a, "model_fields")), model)
     return model
 
 
