@@ -1,0 +1,469 @@
+"""Adversarial evaluators: torchattacks' attacks and the original AutoAttack.
+
+Every evaluator here reports, on its own subset of the test split
+(``n_examples``, ``batch_size``):
+
+- ``<name>/acc``: robust accuracy, the fraction of images that are classified
+  correctly *and* stay correct under the attack (the AutoAttack / RobustBench
+  convention: only correctly classified images are attacked, so
+  ``acc <= clean_acc`` always and ``eps: 0`` gives ``acc == clean_acc``);
+- ``<name>/clean_acc``: accuracy on the same images without attack, computed
+  the same way (fp32, no autocast);
+- ``<name>/eps``: the perturbation budget that was used (attacks with one).
+
+How the attacks run:
+
+- Inputs are in [0, 1]; the model normalises internally, so ``eps`` and step
+  sizes are in [0, 1] pixel units and no attack is told about mean/std.
+- The model runs in eval mode (each module's own mode is restored afterwards)
+  with its parameters' ``requires_grad`` switched off, so attacks compute input
+  gradients only: no parameter ``.grad`` is filled (torchattacks' CW calls
+  ``backward()``) and BN statistics cannot move. The model's buffers are
+  compared bitwise before and after the attacks; a change is a RunFailure.
+- The whole evaluator runs inside ``ctx.active()`` (plugin modules read the
+  evaluation context: route, lambda, width) and inside
+  ``run.domain("clean", ...)`` (test-time adaptation plugins adapt first and
+  restore afterwards; attacks see the adapted model).
+- Randomness (PGD's random start, APGD, Square, AutoAttack) is seeded from the
+  evaluator's ``seed`` or else the run's ``seed``, inside a forked RNG, so
+  results repeat and later evaluators see the global RNG unchanged.
+- Every adversarial batch is checked against its threat model (inside the
+  eps-ball up to float rounding and inside [0, 1]); a violation is a
+  RunFailure, never a number.
+
+Default budgets (``eps: null``) are the usual threat models of each dataset:
+Linf 0.3 / L2 2.0 on MNIST (Madry et al.; Croce & Hein), Linf 8/255 / L2 0.5 on
+CIFAR-10/100 (RobustBench), Linf 4/255 / L2 3.0 on ImageFolder (ImageNet-style)
+data. A standard (not adversarially trained) model is near 0% at these
+budgets; set ``eps`` for a finer picture (e.g. ``--set evaluate.pgd.eps=0.1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Annotated, Any, Callable, Iterator, Literal
+
+import torch
+from pydantic import BeforeValidator, Field, model_validator
+from tqdm.auto import tqdm
+
+from ..errors import RunFailure
+from . import EvalSettings, Evaluator, test_loader
+
+__all__ = ["DEFAULT_EPS", "default_eps", "attack_mode"]
+
+Norm = Literal["Linf", "L2"]
+
+# the usual threat models per dataset: (Linf, L2) in [0, 1] pixel units
+DEFAULT_EPS: dict[str, dict[str, float]] = {
+    "mnist": {"Linf": 0.3, "L2": 2.0},
+    "cifar10": {"Linf": 8 / 255, "L2": 0.5},
+    "cifar100": {"Linf": 8 / 255, "L2": 0.5},
+    "imagefolder": {"Linf": 4 / 255, "L2": 3.0},
+}
+
+
+def default_eps(dataset: str, norm: str) -> float:
+    """The usual budget for ``dataset`` under ``norm`` (Linf or L2; see the module doc)."""
+    return DEFAULT_EPS.get(dataset, DEFAULT_EPS["imagefolder"])[norm]
+
+
+# --- settings ---------------------------------------------------------------
+
+def _number(value: Any) -> Any:
+    """Accept ``8/255`` (a string in YAML) wherever a budget or step size is expected."""
+    if not isinstance(value, str):
+        return value
+    try:
+        num, _, den = value.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"expected a number or a fraction such as 8/255, got {value!r}") from None
+
+
+Budget = Annotated[float, BeforeValidator(_number)]
+
+
+class AttackSettings(EvalSettings):
+    """Settings every attack evaluator accepts."""
+
+    seed: int | None = Field(None, ge=0, description="attack randomness seed (default: the run's seed)")
+
+
+class BudgetSettings(AttackSettings):
+    eps: Budget | None = Field(None, ge=0, description="perturbation budget in [0, 1] pixel units, e.g. 8/255 "
+                                                      "(default: the dataset's usual threat model)")
+
+
+class FGSMConfig(BudgetSettings):
+    """FGSM (Goodfellow et al.): one signed-gradient step of size eps (Linf)."""
+
+
+class PGDConfig(BudgetSettings):
+    """PGD (Madry et al.) with a random start in the eps-ball."""
+
+    norm: Norm = "Linf"
+    steps: int = Field(20, ge=1)
+    alpha: Budget | None = Field(None, gt=0, description="step size (default: 2.5 * eps / steps, Madry et al.)")
+    random_start: bool = True
+
+
+class MIFGSMConfig(BudgetSettings):
+    """MI-FGSM (Dong et al.): iterative FGSM with gradient momentum (Linf)."""
+
+    steps: int = Field(10, ge=1)
+    alpha: Budget | None = Field(None, gt=0, description="step size (default: eps / steps, as in the paper)")
+    decay: float = Field(1.0, ge=0, description="momentum decay factor mu")
+
+
+class CWConfig(AttackSettings):
+    """Carlini-Wagner L2 (torchattacks; a fixed constant c, no binary search)."""
+
+    c: float = Field(1.0, gt=0, description="weight of the misclassification term")
+    kappa: float = Field(0.0, ge=0, description="confidence margin")
+    steps: int = Field(100, ge=1)
+    lr: float = Field(0.01, gt=0, description="Adam learning rate in tanh space")
+    eps: Budget | None = Field(None, gt=0, description="count an adversarial example only if its L2 norm is at "
+                                                      "most eps (default: any size counts)")
+
+
+class APGDConfig(BudgetSettings):
+    """APGD (Croce & Hein) as in torchattacks, with the original's 100 iterations by default."""
+
+    norm: Norm = "Linf"
+    steps: int = Field(100, ge=1, description="iterations per restart (torchattacks' default is 10)")
+    n_restarts: int = Field(1, ge=1)
+    rho: float = Field(0.75, gt=0, lt=1, description="step-size halving threshold")
+
+
+class SquareConfig(BudgetSettings):
+    """Square Attack (Andriushchenko et al.): score-based, no gradients."""
+
+    norm: Norm = "Linf"
+    n_queries: int = Field(5000, ge=1)
+    n_restarts: int = Field(1, ge=1)
+    p_init: float = Field(0.8, gt=0, le=1, description="initial fraction of pixels changed per square")
+
+
+class AutoAttackConfig(BudgetSettings):
+    """AutoAttack (Croce & Hein, 2020)."""
+
+    norm: Literal["Linf", "L2", "L1"] = "Linf"
+    version: Literal["standard", "fast", "plus", "rand"] = Field(
+        "standard", description="standard: APGD-CE, APGD-T, FAB-T, Square (100 iterations per APGD); "
+                                "fast: APGD-CE and APGD-T with the standard settings; plus; rand (EOT, for "
+                                "randomised defenses)")
+    implementation: Literal["pyautoattack", "torchattacks"] = Field(
+        "pyautoattack", description="pyautoattack: the original AutoAttack; torchattacks: its re-implementation, "
+                                    "which runs 10 iterations per APGD (weaker; only when asked for)")
+
+    @model_validator(mode="after")
+    def _check_implementation(self):
+        if self.norm == "L1" and self.eps is None:
+            raise ValueError("norm 'L1' has no default budget: set eps")
+        if self.implementation == "torchattacks":
+            if self.version == "fast":
+                raise ValueError("version 'fast' exists only for implementation 'pyautoattack'")
+            if self.norm == "L1":
+                raise ValueError("norm 'L1' exists only for implementation 'pyautoattack'")
+        return self
+
+
+# --- the machinery shared by every attack -------------------------------------
+
+@contextlib.contextmanager
+def attack_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the block; each module's mode and flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed torch for the block without disturbing the caller's RNG streams."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _keep_trace() -> Iterator[None]:
+    """pyautoattack's dynamic-defense check calls ``sys.settrace(None)``: give debuggers/coverage theirs back."""
+    trace = sys.gettrace()
+    try:
+        yield
+    finally:
+        if sys.gettrace() is not trace:
+            sys.settrace(trace)
+
+
+def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def _check_buffers(name: str, model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    changed = [n for n, b in model.named_buffers() if n not in before or not torch.equal(b, before[n])]
+    if changed:
+        raise RunFailure(f"evaluator {name!r}: the attack changed model buffers (BN statistics?): "
+                         f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}")
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1)
+
+
+def _check_budget(name: str, x: torch.Tensor, x_adv: torch.Tensor, norm: str | None, eps: float | None) -> None:
+    """Adversarial images must lie in [0, 1] and in the eps-ball (up to float rounding)."""
+    if x_adv.shape != x.shape:
+        raise RunFailure(f"evaluator {name!r}: the attack returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise RunFailure(f"evaluator {name!r}: the attack returned non-finite images")
+    lo, hi = x_adv.min().item(), x_adv.max().item()
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise RunFailure(f"evaluator {name!r}: adversarial images leave [0, 1] (range {lo:.6g} .. {hi:.6g})")
+    if norm is None or eps is None:
+        return
+    d = (x_adv - x).flatten(1).float()
+    size = {"Linf": lambda: d.abs().amax(1), "L2": lambda: d.norm(dim=1), "L1": lambda: d.abs().sum(1)}[norm]()
+    worst = size.max().item() if size.numel() else 0.0
+    if worst > eps * (1 + 1e-4) + 1e-6:
+        raise RunFailure(f"evaluator {name!r}: a perturbation of {norm} size {worst:.6g} exceeds eps {eps:.6g}")
+
+
+def _seed(run, cfg: AttackSettings) -> int:
+    return int(cfg.seed if cfg.seed is not None else run.config.seed)
+
+
+def _eps(run, cfg, norm: str) -> float:
+    return float(cfg.eps) if cfg.eps is not None else default_eps(run.data.name, norm)
+
+
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: str | None,
+              eps: float | None, count_if: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+              ) -> dict[str, Any]:
+    """Attack the correctly classified images of the evaluator's subset; return counts.
+
+    ``build()`` is called once, in attack mode, and returns ``attack(x, y) -> x_adv``.
+    ``count_if(x, x_adv)`` (per image, bool) can reject adversarial examples
+    that exceed a budget the attack itself does not enforce (CW's ``eps``).
+    """
+    run = ctx.run
+    n = n_clean = n_robust = 0
+    sizes: list[torch.Tensor] = []  # L2 sizes of the successful adversarial examples
+    # the forked RNG covers the loader too: iterating a DataLoader draws from torch's global RNG
+    with _seeded(run.device, _seed(run, cfg)), attack_mode(model), ctx.active():
+        loader = test_loader(run, cfg)
+        samples = next(iter(loader))[0]
+        with run.domain("clean", samples, ctx):
+            before = _buffers(model)
+            attack = build()
+            for x, y in tqdm(loader, desc=name, leave=False, disable=run.quiet):
+                x, y = run.to_device(x), y.to(run.device)
+                correct = _predict(model, x) == y
+                robust = correct.clone()
+                idx = correct.nonzero().flatten()
+                if idx.numel():
+                    xc, yc = x[idx], y[idx]
+                    x_adv = attack(xc, yc).detach().to(xc.dtype)
+                    _check_budget(name, xc, x_adv, norm, eps)
+                    still = _predict(model, x_adv) == yc
+                    if count_if is not None:
+                        still |= ~count_if(xc, x_adv)
+                    robust[idx] = still
+                    if not still.all():
+                        sizes.append((x_adv[~still] - xc[~still]).flatten(1).float().norm(dim=1).cpu())
+                n += y.numel()
+                n_clean += int(correct.sum())
+                n_robust += int(robust.sum())
+            _check_buffers(name, model, before)
+    return {"n": n, "clean": n_clean, "robust": n_robust, "l2": torch.cat(sizes) if sizes else torch.empty(0)}
+
+
+def _report(report, key: str, res: dict, eps: float | None) -> None:
+    n = max(res["n"], 1)
+    report.add(f"{key}/acc", res["robust"] / n)
+    report.add(f"{key}/clean_acc", res["clean"] / n)
+    if eps is not None:
+        report.add(f"{key}/eps", eps)
+
+
+def _torchattack(atk, device: torch.device) -> AttackFn:
+    atk.set_device(device)  # torchattacks guesses the device from the first parameter
+    return atk
+
+
+# --- evaluators ---------------------------------------------------------------
+
+def fgsm(model, ctx, report, cfg: FGSMConfig) -> None:
+    import torchattacks
+
+    eps = _eps(ctx.run, cfg, "Linf")
+    res = _evaluate("fgsm", model, ctx, cfg, lambda: _torchattack(torchattacks.FGSM(model, eps=eps), ctx.run.device),
+                    "Linf", eps)
+    _report(report, "fgsm", res, eps)
+
+
+def pgd(model, ctx, report, cfg: PGDConfig) -> None:
+    import torchattacks
+
+    eps = _eps(ctx.run, cfg, cfg.norm)
+    alpha = cfg.alpha if cfg.alpha is not None else 2.5 * eps / cfg.steps
+    cls = torchattacks.PGD if cfg.norm == "Linf" else torchattacks.PGDL2
+
+    def build():
+        return _torchattack(cls(model, eps=eps, alpha=alpha, steps=cfg.steps, random_start=cfg.random_start),
+                            ctx.run.device)
+
+    _report(report, "pgd", _evaluate("pgd", model, ctx, cfg, build, cfg.norm, eps), eps)
+
+
+def mifgsm(model, ctx, report, cfg: MIFGSMConfig) -> None:
+    import torchattacks
+
+    eps = _eps(ctx.run, cfg, "Linf")
+    alpha = cfg.alpha if cfg.alpha is not None else eps / cfg.steps
+
+    def build():
+        return _torchattack(torchattacks.MIFGSM(model, eps=eps, alpha=alpha, steps=cfg.steps, decay=cfg.decay),
+                            ctx.run.device)
+
+    _report(report, "mifgsm", _evaluate("mifgsm", model, ctx, cfg, build, "Linf", eps), eps)
+
+
+def cw(model, ctx, report, cfg: CWConfig) -> None:
+    import torchattacks
+
+    def build():
+        return _torchattack(torchattacks.CW(model, c=cfg.c, kappa=cfg.kappa, steps=cfg.steps, lr=cfg.lr),
+                            ctx.run.device)
+
+    within = None
+    if cfg.eps is not None:
+        def within(x, x_adv):
+            return (x_adv - x).flatten(1).float().norm(dim=1) <= cfg.eps
+
+    res = _evaluate("cw", model, ctx, cfg, build, None, None, within)
+    _report(report, "cw", res, cfg.eps)
+    if res["l2"].numel():
+        report.add("cw/l2", res["l2"].median().item())
+
+
+def _apgd(loss: str, key: str):
+    def run_apgd(model, ctx, report, cfg: APGDConfig) -> None:
+        import torchattacks
+
+        eps = _eps(ctx.run, cfg, cfg.norm)
+
+        def build():
+            return _torchattack(torchattacks.APGD(model, norm=cfg.norm, eps=eps, steps=cfg.steps,
+                                                  n_restarts=cfg.n_restarts, seed=_seed(ctx.run, cfg), loss=loss,
+                                                  rho=cfg.rho), ctx.run.device)
+
+        _report(report, key, _evaluate(key, model, ctx, cfg, build, cfg.norm, eps), eps)
+
+    run_apgd.__name__ = key
+    return run_apgd
+
+
+def square(model, ctx, report, cfg: SquareConfig) -> None:
+    import torchattacks
+
+    eps = _eps(ctx.run, cfg, cfg.norm)
+
+    def build():
+        return _torchattack(torchattacks.Square(model, norm=cfg.norm, eps=eps, n_queries=cfg.n_queries,
+                                                n_restarts=cfg.n_restarts, p_init=cfg.p_init,
+                                                seed=_seed(ctx.run, cfg)), ctx.run.device)
+
+    _report(report, "square", _evaluate("square", model, ctx, cfg, build, cfg.norm, eps), eps)
+
+
+def _original_autoattack(model, run, cfg: AutoAttackConfig, eps: float) -> AttackFn:
+    """pyautoattack's AutoAttack; ``fast`` runs the standard version's APGD-CE and APGD-T only."""
+    import pyautoattack
+
+    if cfg.version == "fast":
+        # the standard version's first two attacks with exactly its settings (pyautoattack's version 'custom'
+        # would run APGD-CE with 5 restarts): fast's robust accuracy is standard's before FAB-T and Square
+        adversary = pyautoattack.AutoAttack(model, version="standard", eps=eps, norm=cfg.norm, seed=_seed(run, cfg),
+                                            device=run.device)
+        adversary.attacks_to_run = ["apgd-ce", "apgd-t"]
+    else:
+        adversary = pyautoattack.AutoAttack(model, version=cfg.version, eps=eps, norm=cfg.norm, seed=_seed(run, cfg),
+                                            device=run.device)
+    # targeted attacks cannot target more classes than there are
+    most = run.data.num_classes - 1
+    adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, most)
+    adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, most)
+
+    def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with _keep_trace():
+            out = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
+        return out[0] if isinstance(out, tuple) else out  # pyautoattack 0.2 returns (x_adv, y_adv)
+
+    return attack
+
+
+def autoattack(model, ctx, report, cfg: AutoAttackConfig) -> None:
+    run = ctx.run
+    eps = _eps(run, cfg, cfg.norm)
+    if cfg.implementation == "torchattacks":
+        import torchattacks
+
+        tag = f"torchattacks-{cfg.version}"
+
+        def build():
+            return _torchattack(torchattacks.AutoAttack(model, norm=cfg.norm, eps=eps, version=cfg.version,
+                                                        n_classes=run.data.num_classes, seed=_seed(run, cfg)),
+                                run.device)
+    else:
+        tag = cfg.version
+
+        def build():
+            return _original_autoattack(model, run, cfg, eps)
+
+    res = _evaluate(f"autoattack ({tag})", model, ctx, cfg, build, cfg.norm, eps)
+    _report(report, "autoattack", res, eps)
+    report.add(f"autoattack/{tag}/acc", res["robust"] / max(res["n"], 1))
+
+
+EVALUATORS = [
+    Evaluator("fgsm", FGSMConfig, fgsm,
+              "FGSM (torchattacks), Linf: robust accuracy fgsm/acc, clean accuracy of the subset fgsm/clean_acc"),
+    Evaluator("pgd", PGDConfig, pgd,
+              "PGD with random start (torchattacks PGD / PGDL2), Linf or L2; steps 20, step size 2.5*eps/steps"),
+    Evaluator("mifgsm", MIFGSMConfig, mifgsm, "MI-FGSM (torchattacks), Linf, 10 steps, momentum 1.0"),
+    Evaluator("cw", CWConfig, cw,
+              "Carlini-Wagner L2 (torchattacks, c=1, 100 steps); cw/l2 is the median L2 size of successful "
+              "adversarial examples. Its tanh parametrisation cannot move pixels that are exactly 0 or 1 "
+              "(most of an MNIST digit), so it is weak on MNIST"),
+    Evaluator("apgd", APGDConfig, _apgd("ce", "apgd"),
+              "APGD-CE (torchattacks APGD, loss ce), 100 iterations as in the original AutoAttack"),
+    Evaluator("apgd_dlr", APGDConfig, _apgd("dlr", "apgd_dlr"),
+              "APGD-DLR (torchattacks APGD, loss dlr), 100 iterations as in the original AutoAttack"),
+    Evaluator("square", SquareConfig, square, "Square Attack (torchattacks), score-based, 5000 queries"),
+    Evaluator("autoattack", AutoAttackConfig, autoattack,
+              "AutoAttack: the original (pyautoattack; standard: APGD-CE, APGD-T, FAB-T, Square with 100 "
+              "iterations per APGD; fast: APGD-CE and APGD-T), or implementation: torchattacks (10 iterations "
+              "per APGD: weaker). Keys autoattack/acc and autoattack/<version>/acc "
+              "(autoattack/torchattacks-<version>/acc for torchattacks)"),
+]
