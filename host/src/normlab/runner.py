@@ -93,9 +93,11 @@ class Run:
     def domain(self, name: str, samples: torch.Tensor, ctx: Context | None = None) -> Iterator[None]:
         """Adapt the model to test domain ``name`` (``on_domain``) for the block, then undo it."""
         ctx = ctx or Context(run=self)
-        restores = self.hooks.call("on_domain", model=self.model, domain=name,
-                                   samples=self.to_device(samples), ctx=ctx) if self.hooks.implemented(
-            "on_domain") else []
+        restores = []
+        if self.hooks.implemented("on_domain"):
+            with ctx.active():  # plugin forwards during adaptation read the evaluation context
+                restores = self.hooks.call("on_domain", model=self.model, domain=name,
+                                           samples=self.to_device(samples), ctx=ctx)
         try:
             yield
         finally:

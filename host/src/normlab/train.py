@@ -99,19 +99,21 @@ def evaluate_accuracy(run, loader, desc: str = "eval", ctx: Context | None = Non
     was_training = model.training
     model.eval()
     ctx = ctx or Context(run=run)
-    correct1 = correct5 = n = 0
+    correct1 = torch.zeros((), dtype=torch.long, device=run.device)
+    correct5 = torch.zeros_like(correct1)
+    n = 0
     with ctx.active():
         for x, y in tqdm(loader, desc=desc, leave=False, disable=run.quiet):
             x, y = run.to_device(x), y.to(run.device)
             with autocast(run.device, run.config.train.amp):
                 logits = model(x).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += (top[:, 0] == y).sum().item()
-            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            correct1 += (top[:, 0] == y).sum()  # counted on the device: no sync per batch
+            correct5 += (top == y[:, None]).any(dim=1).sum()
             n += y.numel()
     model.train(was_training)
-    top5 = correct5 / n if run.data.num_classes > 10 else None
-    return correct1 / max(n, 1), top5
+    top5 = correct5.item() / n if run.data.num_classes > 10 else None
+    return correct1.item() / max(n, 1), top5
 
 
 def _write_metrics(path, history: list[dict]) -> None:
