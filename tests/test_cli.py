@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-import yaml
 
 from conftest import subprocess_env
 from normlab.cli import main

@@ -13,7 +13,7 @@ import normlab
 from conftest import subprocess_env
 from normlab.cli import main
 from normlab.errors import RunFailure
-from plugins_for_tests import NaNAt, Raises, Recorder
+from plugins_for_tests import NaNAt, Recorder
 
 
 def read_metrics(run_dir):

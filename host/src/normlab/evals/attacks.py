@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..errors import RunFailure
 from . import EvalSettings, Evaluator, test_loader
 
-__all__ = ["DEFAULT_EPS", "default_eps", "attack_mode"]
+__all__ = ["DEFAULT_EPS", "default_eps", "attack_mode", "seeded", "keep_trace"]
 
 Norm = Literal["Linf", "L2"]
 
@@ -191,7 +191,7 @@ def attack_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Seed torch for the block without disturbing the caller's RNG streams."""
     devices = []
     if device.type == "cuda":
@@ -202,7 +202,7 @@ def _seeded(device: torch.device, seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _keep_trace() -> Iterator[None]:
+def keep_trace() -> Iterator[None]:
     """pyautoattack's dynamic-defense check calls ``sys.settrace(None)``: give debuggers/coverage theirs back."""
     trace = sys.gettrace()
     try:
@@ -270,7 +270,7 @@ def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: s
     n = n_clean = n_robust = 0
     sizes: list[torch.Tensor] = []  # L2 sizes of the successful adversarial examples
     # the forked RNG covers the loader too: iterating a DataLoader draws from torch's global RNG
-    with _seeded(run.device, _seed(run, cfg)), attack_mode(model), ctx.active():
+    with seeded(run.device, _seed(run, cfg)), attack_mode(model), ctx.active():
         loader = test_loader(run, cfg)
         samples = next(iter(loader))[0]
         with run.domain("clean", samples, ctx):
@@ -416,7 +416,7 @@ def _original_autoattack(model, run, cfg: AutoAttackConfig, eps: float) -> Attac
     adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, most)
 
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with _keep_trace():
+        with keep_trace():
             out = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
         return out[0] if isinstance(out, tuple) else out  # pyautoattack 0.2 returns (x_adv, y_adv)
 

@@ -58,9 +58,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import sys
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -68,6 +67,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from . import EvalSettings, Evaluator, test_loader
+from .attacks import attack_mode, default_eps, keep_trace, seeded
 
 __all__ = ["RobustbenchEvalConfig", "available", "benchmark_problem", "adapter_problem"]
 
@@ -101,17 +101,6 @@ class RobustbenchEvalConfig(EvalSettings):
 
 # --- which path -----------------------------------------------------------------
 
-@contextlib.contextmanager
-def _keep_trace() -> Iterator[None]:
-    """pyautoattack's dynamic-defense check calls ``sys.settrace(None)``: restore the tracer (coverage, debuggers)."""
-    trace = sys.gettrace()
-    try:
-        yield
-    finally:
-        if sys.gettrace() is not trace:
-            sys.settrace(trace)
-
-
 class _Constant(torch.nn.Module):
     """Always predicts class 0 (equal logits): every label-1 image is misclassified, so no attack runs."""
 
@@ -131,7 +120,7 @@ def adapter_problem() -> str | None:
     where = f"{cls.__module__}.{cls.__qualname__}"
     x, y = torch.zeros(1, 3, 8, 8), torch.ones(1, dtype=torch.long)
     try:
-        with _keep_trace(), contextlib.redirect_stdout(io.StringIO()):
+        with keep_trace(), contextlib.redirect_stdout(io.StringIO()):
             adversary = cls(_Constant(), norm="Linf", eps=8 / 255, version="standard", device=torch.device("cpu"),
                             log_path=None)
             out = adversary.run_standard_evaluation(x, y, bs=1, state_path=None)
@@ -212,30 +201,6 @@ def _data_dir(run, cfg: RobustbenchEvalConfig) -> Path:
     path = cfg.data_dir or run.config.data.root
     return Path(path).expanduser() if path else _default_root()
 
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the block (attacks need input gradients only); restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
-
-
-@contextlib.contextmanager
-def _seeded(device: torch.device, seed: int) -> Iterator[None]:
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 @torch.no_grad()
@@ -325,11 +290,9 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
     norm = None if corruptions else cfg.threat_model
     eps = None
     if norm is not None:
-        from .attacks import default_eps
-
         eps = float(cfg.eps) if cfg.eps is not None else default_eps(dataset or run.data.name, norm)
     seed = cfg.seed if cfg.seed is not None else run.config.seed
-    with _eval_mode(model), _seeded(run.device, seed), ctx.active(), _keep_trace():
+    with attack_mode(model), seeded(run.device, seed), ctx.active(), keep_trace():
         if problem is None:
             with run.domain("clean", x[:cfg.batch_size], ctx):
                 clean, adv = _benchmark(model, run, cfg, dataset, n, data_dir, eps)
