@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from pydantic import Field
+from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..layers.norm import iter_norms
@@ -88,7 +89,7 @@ def recording(backbone, layers: list[str]):
 def domain_stats(run, ctx, name: str, x: torch.Tensor, layers: list[str], batch_size: int):
     model = run.model
     with run.domain(name, x[:batch_size], ctx), ctx.active(), recording(model.backbone, layers) as stats:
-        for i in range(0, len(x), batch_size):
+        for i in tqdm(range(0, len(x), batch_size), desc=f"divergence {name}", leave=False, disable=run.quiet):
             with autocast(run.device, run.config.train.amp):
                 model(run.to_device(x[i:i + batch_size]))
     return {k: v.mean_var() for k, v in stats.items()}
