@@ -8,6 +8,17 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # plugins_for_tests
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny forwards: no OpenMP spin-waiting on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_config():
     """A run that trains resnet18 for a few steps on a slice of the embedded data (seconds on CPU)."""

@@ -31,18 +31,13 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_thread):
     """(run directory, a loaded Run with the trained model in eval mode)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these tests share 2 cores with other jobs: do not oversubscribe them
-    try:
-        res = normlab.run(CONFIG, out=tmp_path_factory.mktemp("attacks") / "run", quiet=True)
-        assert res.metrics["clean/acc"] > 0.85  # attacks on a model that learned nothing prove nothing
-        r = _from_run_dir(res.dir, (), None, True)
-        r.model.eval()
-        yield res.dir, r
-    finally:
-        torch.set_num_threads(threads)
+    res = normlab.run(CONFIG, out=tmp_path_factory.mktemp("attacks") / "run", quiet=True)
+    assert res.metrics["clean/acc"] > 0.85  # attacks on a model that learned nothing prove nothing
+    r = _from_run_dir(res.dir, (), None, True)
+    r.model.eval()
+    return res.dir, r
 
 
 def evaluate(run, name, **settings):

@@ -15,12 +15,7 @@ from normlab.model import NormlabNet
 from normlab_registry import PluginSpec, ResolutionError, resolve
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(name="resnet18"):

@@ -15,15 +15,7 @@ from normlab.layers import FiLM, NormAct, RoutedNorm, Split, as_norm_act, batch_
 from normlab.layers import replace_module, split_model, split_points
 from normlab.model import NormlabNet
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny inputs: one intra-op thread is much faster (no OpenMP spin-waiting on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MEAN = (0.485, 0.456, 0.406)
