@@ -135,10 +135,13 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
+    train_workers: int = 0  # at least this many loader workers for the train split (plugins making views set it)
 
     def loader(self, split: str, batch_size: int, *, seed: int = 0, shuffle: bool | None = None,
                num_workers: int = 0, n: int | None = None, drop_last: bool = False) -> DataLoader:
         ds = self.train if split == "train" else self.test
+        if split == "train":
+            num_workers = max(num_workers, self.train_workers)
         if n is not None and n < len(ds):
             # a fixed draw (not the first n: the embedded split is sorted by class)
             keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]

@@ -104,13 +104,17 @@ def on_batch(batch, ctx):
     """Change a training batch before the forward (input-side methods: AugMix views, noise).
 
     :param batch: a :class:`~normlab.data.Batch` with ``x`` (N, C, H, W in [0, 1]),
-        ``y`` (N,), and ``extra`` (dict).
+        ``y`` (N,), and ``extra`` (dict: the third element of the loader's items when
+        a plugin wrapped the training dataset, e.g. AugMix views).
     :param ctx: the step's :class:`~normlab.context.Context`; plugins may set its
         per-sample fields here (``ctx.lam``, ``ctx.route``) for the forward.
     :return: a replacement batch, or None to keep ``batch`` (possibly changed in place).
 
     Chained in run-file order. Called on the training thread, so expensive
-    per-image work belongs in the data pipeline instead.
+    per-image work belongs in the data pipeline instead (wrap ``run.data.train``
+    in ``on_model``). A plugin that appends rows (views) keeps the original rows
+    first, repeats ``y`` to match, and sets ``batch.extra["n_clean"]`` to the
+    number of original rows; the host's training accuracy counts only those.
     """
 
 

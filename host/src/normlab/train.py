@@ -18,7 +18,8 @@ from .context import Context
 from .data import Batch
 from .errors import RunFailure
 
-__all__ = ["LossTerms", "build_optimizer", "build_scheduler", "train", "autocast", "evaluate_accuracy"]
+__all__ = ["LossTerms", "build_optimizer", "build_scheduler", "train", "autocast", "evaluate_accuracy",
+           "domain_accuracy", "as_batch"]
 
 
 class LossTerms:
@@ -116,6 +117,29 @@ def evaluate_accuracy(run, loader, desc: str = "eval", ctx: Context | None = Non
     return correct1.item() / max(n, 1), top5
 
 
+def domain_accuracy(run, loader, domain: str = "clean", ctx: Context | None = None) -> tuple[float, float | None]:
+    """:func:`evaluate_accuracy` inside ``run.domain(domain, ...)``, the first batch's images as its samples.
+
+    The clean evaluator and the per-epoch validation both use it, so plugins' test-time
+    settings (a lambda knob, a BN route) apply to validation as to evaluation.
+    """
+    ctx = ctx or Context(run=run)
+    samples = next(iter(loader))[0]
+    with run.domain(domain, samples, ctx):
+        return evaluate_accuracy(run, loader, desc=domain, ctx=ctx)
+
+
+def as_batch(run, items) -> Batch:
+    """A loader's items, ``(x, y)`` or ``(x, y, extra)`` (a dict of tensors), as a :class:`Batch` on the device.
+
+    Datasets that plugins wrap (AugMix views made in the loader workers) return
+    ``extra``; it reaches ``on_batch`` as ``batch.extra``.
+    """
+    x, y, *rest = items
+    extra = {k: run.to_device(v) if isinstance(v, torch.Tensor) else v for k, v in (rest[0] if rest else {}).items()}
+    return Batch(run.to_device(x), y.to(run.device, non_blocking=True), extra)
+
+
 def _write_metrics(path, history: list[dict]) -> None:
     keys: list[str] = []
     for row in history:
@@ -150,8 +174,8 @@ def train(run, resume: bool = False) -> list[dict]:
         sums: dict[str, float] = {}
         correct = seen = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=run.quiet)
-        for i, (x, y) in enumerate(bar):
-            batch = Batch(run.to_device(x), y.to(run.device, non_blocking=True))
+        for i, items in enumerate(bar):
+            batch = as_batch(run, items)
             ctx = Context(run=run, training=True, epoch=epoch, step=global_step)
             with ctx.active(), autocast(run.device, cfg.amp):
                 batch = hooks.call("on_batch", batch=batch, ctx=ctx)
@@ -175,15 +199,15 @@ def train(run, resume: bool = False) -> list[dict]:
             for n, v in values.items():
                 sums[n] = sums.get(n, 0.0) + v.item()
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            n_clean = batch.y.numel()
-            correct += (batch.logits[:n_clean].argmax(1) == batch.y).sum().item()
+            n_clean = batch.extra.get("n_clean", batch.y.numel())  # rows before any added views
+            correct += (batch.logits[:n_clean].argmax(1) == batch.y[:n_clean]).sum().item()
             seen += n_clean
             bar.set_postfix(loss=f"{loss.item():.3f}")
         steps = len(loader)
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums.get("loss", 0) / steps,
                "train_acc": correct / max(seen, 1)}
         row.update({f"loss/{n}": v / steps for n, v in sums.items() if n != "loss"})
-        row["val_acc"], _ = evaluate_accuracy(run, val_loader, desc="val")
+        row["val_acc"], _ = domain_accuracy(run, val_loader)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         run.log.info("epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)", epoch + 1, cfg.epochs,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..train import evaluate_accuracy
+from ..train import domain_accuracy
 from . import EvalSettings, Evaluator, test_loader
 
 
@@ -11,11 +11,7 @@ class CleanConfig(EvalSettings):
 
 
 def clean(model, ctx, report, cfg: CleanConfig) -> None:
-    run = ctx.run
-    loader = test_loader(run, cfg)
-    samples = next(iter(loader))[0]
-    with run.domain("clean", samples, ctx):
-        top1, top5 = evaluate_accuracy(run, loader, desc="clean", ctx=ctx)
+    top1, top5 = domain_accuracy(ctx.run, test_loader(ctx.run, cfg), "clean", ctx)
     report.add("clean/acc", top1)
     if top5 is not None:
         report.add("clean/top5", top5)
