@@ -1,0 +1,308 @@
+"""OAT conditioning: dual BN and FiLM on the loss weight lambda (Wang et al., NeurIPS 2020).
+
+Once-for-all adversarial training trains one model for a whole range of
+trade-offs between standard and robust accuracy. Every sample gets a lambda,
+the weight of its adversarial loss in ``(1 - lambda) CE(x) + lambda CE(x_adv)``
+(the pgd plugin computes that loss from ``ctx.lam``), and the model is told
+lambda:
+
+- **dual BN**: every BN layer becomes a clean / adversarial pair
+  (:class:`~normlab.layers.RoutedNorm`); samples with lambda = 0 go through the
+  clean BN, all others (and every adversarial example) through the adversarial
+  one, at training and at test time;
+- **FiLM**: after each BN, ``x * (1 + s(e)) + t(e)`` with per-channel scale and
+  shift from two-layer MLPs (:class:`~normlab.layers.FiLM`, identity at
+  initialisation) over the encoding ``e(lambda)``: a row of a random orthogonal
+  ``dim x dim`` matrix (the QR of a Gaussian drawn from the run seed; a buffer,
+  so it is saved with every checkpoint and reloads bit for bit), or a one-hot
+  row, or lambda itself (``encoding: scalar``).
+
+Training (``on_batch``): in ``fixed`` sampling the first ``ceil(zero_fraction *
+N)`` rows of the (already shuffled) batch get lambda = 0 and the rest a uniform
+draw from the nonzero choices; ``zero_fraction`` null is ``1 / len(choices)``,
+which gives ``ceil(N / len(choices))`` zeros as the public code does. In
+``iid`` sampling each row is 0 with probability ``zero_fraction``, else a
+nonzero choice, and the batch is permuted once so that the zeros come first.
+Either way the zeros are contiguous, so the routed BNs split the batch with
+views (no gather or scatter).
+
+Test time (``on_domain``, knob ``lam``): lambda is any value in [0, 1]. A value
+between two training choices gets the linear interpolation of their encodings
+(normlab's extension: the public code only looks rows up); values outside the
+choices' range get the nearest end's row. Lambda = 0 uses the clean BNs.
+
+Ablations: ``dual_bn: false`` keeps one BN (with FiLM), ``film: false`` keeps the
+dual BN without FiLM.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from normlab import hookimpl
+from normlab.context import Context, current
+from normlab.errors import UsageError
+from normlab.layers import FiLM, RoutedNorm, as_norm_act, iter_norms
+
+requires = ("pgd",)
+conflicts = ("nf", "advbn")
+conflict_reasons = {
+    "nf": "nf removes every BN layer, so there is no BN to duplicate",
+    "advbn": "both route BN layers on ctx.route, and one field cannot hold two per-sample routings",
+}
+after = ()
+knobs = ("lam",)
+
+ROUTES = ("clean", "adv")
+CODE_ATTR = "condition_code"  # the buffer-only submodule on the backbone (state-dict prefix)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    choices: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 1.0], min_length=1,
+                                 description="the lambda values sampled in training (distinct, in [0, 1])")
+    zero_fraction: float | None = Field(None, ge=0, le=1, description=(
+        "fraction of each batch with lambda = 0 (null: 1/len(choices), rounded up to whole rows, "
+        "as the public code)"))
+    sampling: Literal["fixed", "iid"] = Field("fixed", description=(
+        "fixed: exactly ceil(zero_fraction * N) zeros first; iid: each row 0 with probability zero_fraction, "
+        "then the zeros moved to the front"))
+    encoding: Literal["orthogonal", "onehot", "scalar"] = Field("orthogonal", description=(
+        "orthogonal: rows of a random dim x dim orthogonal matrix; onehot: rows of the "
+        "len(choices) identity; scalar: lambda itself"))
+    dim: int = Field(128, ge=1, description="size of the orthogonal encoding")
+    hidden: int | None = Field(None, ge=1, description="hidden width of the FiLM MLPs (null: dim)")
+    dual_bn: bool = Field(True, description="clean / adversarial BN pair (false: one BN, for the ablation)")
+    film: bool = Field(True, description="FiLM after each BN (false: dual BN only, for the ablation)")
+    lam: float = Field(1.0, ge=0, le=1, description="the test-time knob: lambda for evaluation")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(not 0 <= c <= 1 for c in self.choices):
+            raise ValueError(f"choices must lie in [0, 1], got {self.choices}")
+        if len(set(self.choices)) != len(self.choices):
+            raise ValueError(f"choices must be distinct, got {self.choices}")
+        if self.zero_fraction and 0 not in self.choices:
+            raise ValueError("zero_fraction > 0 needs 0 among the choices")
+        if self.zero_fraction is not None and self.zero_fraction < 1 and not any(self.choices):
+            raise ValueError("choices has no nonzero value to sample the rows that are not 0")
+        if self.encoding == "orthogonal" and self.dim < len(self.choices):
+            raise ValueError(f"an orthogonal encoding of {len(self.choices)} choices needs dim >= "
+                             f"{len(self.choices)}, got {self.dim}")
+        return self
+
+    @property
+    def zeros(self) -> float:
+        """The resolved fraction of lambda = 0 rows."""
+        if self.zero_fraction is not None:
+            return self.zero_fraction
+        return 1 / len(self.choices) if 0 in self.choices else 0.0
+
+    @property
+    def code_dim(self) -> int:
+        return {"orthogonal": self.dim, "onehot": len(self.choices), "scalar": 1}[self.encoding]
+
+
+def random_orthogonal(dim: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal matrix: QR of a Gaussian from ``seed``, signs fixed by diag(R)."""
+    g = torch.Generator().manual_seed(int(seed))
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float().contiguous()
+
+
+class LambdaCode(nn.Module):
+    """Buffer-only module: the encodings of the training choices and of any lambda in between.
+
+    ``matrix`` (persistent, so it travels with every checkpoint) holds the rows;
+    row k encodes ``choices[k]``. ``values`` (not persistent: it comes from the
+    run file) holds the choices.
+    """
+
+    def __init__(self, cfg: Config, seed: int):
+        super().__init__()
+        k = len(cfg.choices)
+        if cfg.encoding == "orthogonal":
+            matrix = random_orthogonal(cfg.dim, seed)
+        elif cfg.encoding == "onehot":
+            matrix = torch.eye(k)
+        else:
+            matrix = torch.tensor(cfg.choices, dtype=torch.float32)[:, None]
+        self.register_buffer("matrix", matrix)
+        self.register_buffer("values", torch.tensor(cfg.choices, dtype=torch.float32), persistent=False)
+        self.choices = [float(c) for c in cfg.choices]
+        self.order = sorted(range(k), key=lambda i: self.choices[i])  # choice indices by value
+
+    @property
+    def table(self) -> torch.Tensor:
+        """(len(choices), D): the encoding of each training choice."""
+        return self.matrix[: len(self.choices)]
+
+    def encode(self, lam: float) -> torch.Tensor:
+        """(1, D): the row of a training choice, or the interpolation of its neighbours' rows."""
+        lam = float(lam)
+        sorted_vals = [self.choices[i] for i in self.order]
+        j = bisect.bisect_left(sorted_vals, lam)
+        if j < len(sorted_vals) and math.isclose(sorted_vals[j], lam, abs_tol=1e-9):
+            return self.table[self.order[j]][None].clone()
+        if j == 0 or j == len(sorted_vals):  # outside the training range: the nearest end
+            return self.table[self.order[min(j, len(sorted_vals) - 1)]][None].clone()
+        lo, hi = sorted_vals[j - 1], sorted_vals[j]
+        w = (lam - lo) / (hi - lo)
+        return ((1 - w) * self.table[self.order[j - 1]] + w * self.table[self.order[j]])[None]
+
+    def extra_repr(self) -> str:
+        return f"choices={self.choices}, rows={tuple(self.matrix.shape)}"
+
+
+def sample_indices(n: int, cfg: Config, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Choice indices (n,) for a batch, zeros first, and the row permutation (iid) or None (fixed).
+
+    Drawn on the CPU from torch's global RNG (or ``generator``), so a resumed run repeats them.
+    """
+    zero = cfg.choices.index(0) if 0 in cfg.choices else -1
+    nonzero = torch.tensor([k for k, c in enumerate(cfg.choices) if c != 0], dtype=torch.long)
+    if cfg.sampling == "fixed":
+        n0 = min(n, math.ceil(cfg.zeros * n - 1e-9))
+        rest = (nonzero[torch.randint(len(nonzero), (n - n0,), generator=generator)] if n > n0
+                else torch.empty(0, dtype=torch.long))
+        return torch.cat([torch.full((n0,), zero, dtype=torch.long), rest]), None
+    is_zero = torch.rand(n, generator=generator) < cfg.zeros
+    if len(nonzero):
+        idx = torch.where(is_zero, zero, nonzero[torch.randint(len(nonzero), (n,), generator=generator)])
+    else:
+        is_zero[:] = True
+        idx = torch.full((n,), zero, dtype=torch.long)
+    perm = torch.argsort((~is_zero).to(torch.uint8), stable=True)
+    return idx[perm], perm
+
+
+class LamFiLM(FiLM):
+    """:class:`~normlab.layers.FiLM` that runs its MLPs once per distinct condition row.
+
+    Same parameters, state-dict keys and value as ``FiLM``. A training batch
+    holds only ``len(choices)`` distinct encodings, so the MLPs run on those rows
+    (found once per condition tensor and step, cached in ``ctx.state``, shared by
+    every layer and every attack step) and the result is gathered per sample;
+    ``x * (1 + scale) + shift`` is one fused ``addcmul``. A condition that needs
+    gradients takes the plain per-row path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = current()
+        c = ctx.condition
+        if c is None:
+            return x
+        if c.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {x.shape[0]}")
+        rows, inverse = _distinct_rows(ctx, c)
+        rows = rows.to(dtype=self.scale[0].weight.dtype)
+        scale, shift = self.scale(rows), self.shift(rows)
+        if inverse is not None:
+            scale, shift = scale[inverse], shift[inverse]
+        return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, (1 + scale).to(x.dtype)[:, :, None, None])
+
+
+def _distinct_rows(ctx: Context, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(distinct rows, per-sample index into them), or (c, None) where that saves nothing."""
+    if c.shape[0] == 1 or c.requires_grad:
+        return c, None
+    scratch = ctx.state.setdefault("condition", {})
+    hit = scratch.get("rows")
+    if hit is not None and hit[0] is c and hit[1] == c._version:
+        return hit[2], hit[3]
+    rows, inverse = torch.unique(c, dim=0, return_inverse=True)
+    scratch["rows"] = (c, c._version, rows, inverse)
+    return rows, inverse
+
+
+def _channels(norm: nn.Module) -> int:
+    if hasattr(norm, "num_features"):
+        return int(norm.num_features)
+    return max(int(m.num_features) for m in norm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def _code(run) -> LambdaCode:
+    return run.state["condition"]
+
+
+@hookimpl
+def on_model(model, run):
+    cfg: Config = run.plugin_config("condition")
+    if (cfg.dual_bn or cfg.film) and next(iter_norms(model), None) is None:
+        what = "dual_bn" if cfg.dual_bn else "film"
+        raise UsageError(f"{run.source}: plugins.condition.{what}: expected a backbone with BatchNorm layers; "
+                         f"{type(model).__name__} ({run.config.model.name}) has none")
+    if hasattr(model, CODE_ATTR):
+        raise UsageError(f"{run.source}: plugins.condition: expected a backbone without a {CODE_ATTR!r} "
+                         f"attribute; {run.config.model.name} already has one")
+    code = LambdaCode(cfg, run.config.seed)
+    model.add_module(CODE_ATTR, code)
+    run.state["condition"] = code
+    return None
+
+
+@hookimpl
+def on_batch_norm(name, module, model, run):
+    cfg: Config = run.plugin_config("condition")
+    if not (cfg.dual_bn or cfg.film):
+        return None
+    layer = as_norm_act(module)
+    if cfg.film and layer.film is not None:
+        raise UsageError(f"{run.source}: plugins.condition.film: expected layer {name!r} without FiLM; "
+                         f"another plugin already put one there")
+    channels = _channels(layer.norm)
+    if cfg.dual_bn:
+        layer.norm = RoutedNorm.copies(layer.norm, ROUTES)
+    if cfg.film:
+        layer.film = LamFiLM(channels, cfg.code_dim, cfg.hidden or cfg.dim).train(layer.training)
+    return layer
+
+
+@hookimpl
+def on_batch(batch, ctx: Context):
+    run = ctx.run
+    cfg: Config = run.plugin_config("condition")
+    code = _code(run)
+    idx, perm = sample_indices(batch.x.shape[0], cfg)
+    device = batch.x.device
+    if perm is not None:
+        perm = perm.to(device)
+        batch.x, batch.y = batch.x[perm], batch.y[perm]
+        n = perm.numel()
+        batch.extra = {k: v[perm] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                       for k, v in batch.extra.items()}
+    idx = idx.to(device, non_blocking=True)
+    ctx.lam = code.values[idx]
+    ctx.condition = code.table[idx] if cfg.film else None
+    if cfg.dual_bn:
+        ctx.set_route((ctx.lam != 0).long(), ROUTES)
+        ctx.adv_route = "adv"
+    return batch
+
+
+@hookimpl
+def on_domain(model, domain, samples, ctx: Context):
+    """Apply the ``lam`` knob: the sweep's value if ``ctx.lam`` holds one, else the configured one."""
+    cfg: Config = ctx.run.plugin_config("condition")
+    if ctx.lam is not None and ctx.lam.numel() != 1:
+        return None  # per-sample lambdas set by a training step: nothing to apply
+    lam = float(ctx.lam) if ctx.lam is not None else cfg.lam
+    code = _code(ctx.run)
+    saved = (ctx.lam, ctx.condition, ctx.route)
+    ctx.lam = torch.tensor([lam], device=code.matrix.device)
+    ctx.condition = code.encode(lam) if cfg.film else None
+    if cfg.dual_bn:
+        ctx.route = "clean" if lam == 0 else "adv"
+
+    def restore():
+        ctx.lam, ctx.condition, ctx.route = saved
+
+    return restore
