@@ -59,7 +59,7 @@ def test_adapted_statistics_equal_the_batch_statistics_and_restore_is_exact(name
     x = torch.rand(32, 3, 32, 32) * 0.6 + 0.4  # a shifted domain
     expected = input_batch_stats(model, x)
     before = snapshot(model)
-    undo, used, n = bnrect.rectify(model, x, bnrect.Config())
+    undo, used, _, n = bnrect.rectify(model, x, bnrect.Config())
     assert n == 32 and len(used) == len(expected)
     for layer, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -72,10 +72,28 @@ def test_adapted_statistics_equal_the_batch_statistics_and_restore_is_exact(name
         assert torch.equal(count, before[layer][2])
 
 
+def test_one_sample_skips_layers_with_one_value_per_channel_and_adapts_the_rest():
+    model = make_model("resnet18")  # at 32x32, layer4 sees 1x1 feature maps
+    x = torch.rand(1, 3, 32, 32)
+    before = snapshot(model)
+    with torch.no_grad():
+        model(x)  # eval mode: the forward works on one sample before adaptation
+    undo, used, skipped, n = bnrect.rectify(model, x, bnrect.Config(n_samples=1))
+    assert n == 1 and skipped and all(s.startswith("backbone.layer4") for s in skipped)
+    assert not set(used) & set(skipped) and any(u.startswith("backbone.layer1") for u in used)
+    for layer, m in model.named_modules():
+        if layer in skipped:
+            assert torch.equal(m.running_mean, before[layer][0]) and torch.equal(m.running_var, before[layer][1])
+    conv1_mean = model.backbone.conv1(model.normalize(x)).mean((0, 2, 3))
+    torch.testing.assert_close(model.backbone.bn1.running_mean, conv1_mean, rtol=1e-4, atol=1e-5)
+    undo()
+    assert all(torch.equal(v[0], before[k][0]) for k, v in snapshot(model).items())
+
+
 def test_efficientnet_keeps_fused_activations_after_adaptation():
     model = make_model("efficientnet_b0")
     x = torch.rand(32, 3, 32, 32)
-    undo, _, _ = bnrect.rectify(model, x, bnrect.Config())
+    undo, *_ = bnrect.rectify(model, x, bnrect.Config())
     bn2 = model.backbone.bn2
     assert isinstance(bn2.act, nn.SiLU)
     with torch.no_grad():
@@ -89,7 +107,7 @@ def test_mean_only_and_variance_only():
     for adapt, kept, changed in (("mean", 1, 0), ("var", 0, 1)):
         model = make_model()
         before = snapshot(model)
-        undo, _, _ = bnrect.rectify(model, x, bnrect.Config(adapt=adapt))
+        undo, *_ = bnrect.rectify(model, x, bnrect.Config(adapt=adapt))
         after = snapshot(model)
         for layer in before:
             assert torch.equal(after[layer][kept], before[layer][kept]), (adapt, layer)
@@ -104,13 +122,13 @@ def test_thirds_and_name_filter_change_only_their_layers():
     k = len(names)
     for part, chosen in (("front", names[:k // 3]), ("middle", names[k // 3:2 * k // 3]), ("end", names[2 * k // 3:])):
         before = snapshot(model)
-        undo, used, _ = bnrect.rectify(model, x, bnrect.Config(part=part))
+        undo, used, *_ = bnrect.rectify(model, x, bnrect.Config(part=part))
         after = snapshot(model)
         assert sorted(used) == sorted(chosen)
         for layer in names:
             assert torch.equal(after[layer][0], before[layer][0]) == (layer not in chosen)
         undo()
-    undo, used, _ = bnrect.rectify(model, x, bnrect.Config(layers=["layer4"]))
+    undo, used, *_ = bnrect.rectify(model, x, bnrect.Config(layers=["layer4"]))
     assert used and all(u.startswith("backbone.layer4.") for u in used)
     undo()
 
@@ -120,7 +138,7 @@ def test_prior_mixing_weights():
     model = make_model()
     before = snapshot(model)
     expected = input_batch_stats(model, x)
-    undo, _, _ = bnrect.rectify(model, x, bnrect.Config(prior=24, n_samples=8))
+    undo, *_ = bnrect.rectify(model, x, bnrect.Config(prior=24, n_samples=8))
     w = 24 / (24 + 8)
     for layer, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -136,7 +154,7 @@ def test_routed_bn_rectifies_only_the_route_in_use():
     map_norms(model.backbone, lambda name, m: _routed(m))
     before = snapshot(model)
     x = torch.rand(32, 3, 32, 32)
-    undo, used, _ = bnrect.rectify(model, x, bnrect.Config(), Context(route="aux"))
+    undo, used, *_ = bnrect.rectify(model, x, bnrect.Config(), Context(route="aux"))
     after = snapshot(model)
     aux = [n for n in before if n.endswith("routes.1")]
     main = [n for n in before if n.endswith("routes.0")]

@@ -60,16 +60,35 @@ def select(model: nn.Module, cfg: Config) -> list[tuple[str, nn.modules.batchnor
 
 @torch.no_grad()
 def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
-    """Re-estimate the chosen BN statistics from ``samples``; return (undo, names of the layers changed)."""
+    """Re-estimate the chosen BN statistics from ``samples``; return (undo, layers changed, layers skipped, n).
+
+    A BN layer is switched to estimation (statistics reset, ``momentum=None``,
+    train mode) by a pre-hook when its input arrives, so layers that do not run
+    (another route) and layers that see a single value per channel (n = 1 at a
+    1x1 feature map, where no variance exists) keep their source statistics
+    and normalize with them during the adaptation forward.
+    """
     bns = select(model, cfg)
     saved = {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
              for n, m in bns}
     used: set[str] = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=n: used.add(name)) for n, m in bns]
+    skipped: set[str] = set()
+
+    def start(mod, inputs, name):
+        if name in used or name in skipped:
+            return
+        f = inputs[0]
+        if f.numel() // f.shape[1] < 2:
+            skipped.add(name)
+            return
+        mod.reset_running_stats()
+        mod.momentum = None  # cumulative average: after one batch, exactly its statistics
+        mod.train()
+        used.add(name)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, i, name=n: start(mod, i, name)) for n, m in bns]
     for _, m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: after one batch, exactly its statistics
-        m.train()
+        m.eval()
     x = samples[: cfg.n_samples]
     try:
         if ctx is not None:
@@ -86,8 +105,7 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
     for name, m in bns:
         mean0, var0, count0, momentum = saved[name]
         m.momentum = momentum
-        if name not in used:  # a route this domain does not use keeps its statistics
-            m.running_mean.copy_(mean0), m.running_var.copy_(var0), m.num_batches_tracked.copy_(count0)
+        if name not in used:  # not run (another route) or skipped: never reset
             continue
         if cfg.prior is not None:
             w = cfg.prior / (cfg.prior + n)
@@ -106,7 +124,7 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
             m.num_batches_tracked.copy_(count0)
             m.momentum = momentum
 
-    return undo, sorted(used), n
+    return undo, sorted(used), sorted(skipped), n
 
 
 @hookimpl
@@ -114,9 +132,12 @@ def on_domain(model, domain, samples, ctx):
     cfg = ctx.run.plugin_config("bnrect")
     if not any(domain.startswith(p) for p in cfg.domains):
         return None
-    undo, used, n = rectify(model, samples, cfg, ctx)
+    undo, used, skipped, n = rectify(model, samples, cfg, ctx)
     ctx.run.log.debug("bnrect: %s: %d BN layers from %d samples", domain, len(used), n)
-    ctx.run.state.setdefault("bnrect", {})[domain] = {"n_samples": n, "bn_layers": len(used)}
+    record = {"n_samples": n, "bn_layers": len(used)}
+    if skipped:
+        record["skipped_one_value_per_channel"] = len(skipped)
+    ctx.run.state.setdefault("bnrect", {})[domain] = record
     return undo
 
 
