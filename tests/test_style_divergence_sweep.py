@@ -108,6 +108,37 @@ def test_sweep_of_an_undeclared_knob_is_refused_before_training(tmp_path, write_
     assert "evaluate.sweep: Value error, knob must be one of" in capsys.readouterr().err
 
 
+def test_sweep_over_plugin_settings_equals_separate_evaluations(trained):
+    style = {"n_examples": 200, "domains": ["invert"]}
+    sweep = {"knob": "plugins.bnrect", "values": [{"n_samples": 4}, {"adapt": "mean"}],
+             "evaluators": {"style": style}}
+    res = normlab.evaluate(trained.dir, overrides=[
+        f"evaluate={json.dumps({'sweep': sweep, 'style': style})}", "plugins.bnrect={n_samples: 16}"],
+        name="abl", quiet=True)
+    m = res.metrics
+    n4 = normlab.evaluate(trained.dir, overrides=[f"evaluate={json.dumps({'style': style})}",
+                                                  "plugins.bnrect={n_samples: 4}"], name="n4", quiet=True)
+    mean = normlab.evaluate(trained.dir, overrides=[f"evaluate={json.dumps({'style': style})}",
+                                                    "plugins.bnrect={n_samples: 16, adapt: mean}"], name="m", quiet=True)
+    assert m["abl/sweep/bnrect.n_samples=4/style/invert/acc"] == n4.metrics["n4/style/invert/acc"]
+    assert m["abl/sweep/bnrect.adapt=mean/style/invert/acc"] == mean.metrics["m/style/invert/acc"]
+    # the style evaluator after the sweep ran with the run's own settings again (n_samples 16)
+    records = json.loads((trained.dir / "results.json").read_text())["records"]
+    assert records["abl/bnrect"]["domains"]["style/invert"]["n_samples"] == 16
+    assert records["n4/bnrect"]["domains"]["style/invert"]["n_samples"] == 4
+    assert (trained.dir / "plots" / "sweep_bnrect.png").is_file()
+
+
+def test_sweep_over_plugin_settings_validates_each_value(trained, capsys):
+    bad = {"knob": "plugins.bnrect.n_samples", "values": [8, 0]}
+    assert main(["eval", str(trained.dir), "--set", f"evaluate={{sweep: {json.dumps(bad)}}}",
+                 "--set", "plugins.bnrect={}", "--as", "bad"]) == 2
+    assert "evaluate.sweep.values[1]" in capsys.readouterr().err
+    off = {"knob": "plugins.bnrect.n_samples", "values": [8]}
+    assert main(["eval", str(trained.dir), "--set", f"evaluate={{sweep: {json.dumps(off)}}}", "--as", "off"]) == 2
+    assert "plugin 'bnrect' is not enabled" in capsys.readouterr().err
+
+
 def test_compare_table_marks_missing_metrics():
     table = compare_table({"base": {"metrics": {"clean/acc": 0.9, "style/acc": 0.4, "style/invert/acc": 0.2},
                                     "seed": 0},

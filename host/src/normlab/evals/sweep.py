@@ -1,4 +1,4 @@
-"""``sweep``: run evaluators once per value of a test-time knob.
+"""``sweep``: run evaluators once per value of a test-time knob or of a plugin setting.
 
 Plugins declare the knobs they honour (``knobs = ("lam",)``); a knob is a field
 of the evaluation :class:`~normlab.context.Context` that plugin modules read:
@@ -6,6 +6,14 @@ of the evaluation :class:`~normlab.context.Context` that plugin modules read:
 ``route``. Keys are ``sweep/KNOB=VALUE/<evaluator key>``; a PNG plots each
 accuracy against the knob and, when a clean and an adversarial accuracy are
 both present, the standard-accuracy / robust-accuracy (SA-RA) curve.
+
+Settings that plugins read at evaluation time (bnrect's ``n_samples``) are swept
+the same way with ``knob: plugins.NAME.FIELD`` and plain values, or with
+``knob: plugins.NAME`` and values that are mappings of fields (an ablation that
+varies several fields: ``[{n_samples: 8}, {adapt: mean}, ...]``). Each value is
+validated against the plugin's settings before anything is built, and the
+plugin's settings are put back after the sweep. Keys are
+``sweep/NAME.FIELD=VALUE/<evaluator key>``.
 """
 
 from __future__ import annotations
@@ -25,15 +33,27 @@ ATTACK_PREFIXES = ("autoattack", "pgd", "apgd", "apgd_dlr", "fgsm", "mifgsm", "c
 
 
 class SweepConfig(Strict):
-    knob: str = Field(description=f"the context field to vary: one of {KNOBS}")
+    knob: str = Field(description=f"the context field to vary (one of {KNOBS}), plugins.NAME.FIELD or plugins.NAME")
     values: list[Any] = Field(min_length=1)
     evaluators: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"clean": {}})
     _parsed: dict | None = PrivateAttr(None)  # the nested evaluators' validated settings
+    _variants: list | None = PrivateAttr(None)  # plugin knobs: (label, validated plugin settings) per value
+
+    @property
+    def plugin(self) -> str | None:
+        """The plugin whose settings are swept, or None for a context knob."""
+        return self.knob.split(".")[1] if self.knob.startswith("plugins.") else None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.knob not in KNOBS:
-            raise ValueError(f"knob must be one of {KNOBS}, got {self.knob!r}")
+        parts = self.knob.split(".")
+        if self.plugin is not None:
+            if len(parts) not in (2, 3) or not all(parts):
+                raise ValueError(f"a plugin knob is plugins.NAME or plugins.NAME.FIELD, got {self.knob!r}")
+            if len(parts) == 2 and not all(isinstance(v, dict) and v for v in self.values):
+                raise ValueError("with knob plugins.NAME each value is a mapping of that plugin's settings")
+        elif self.knob not in KNOBS:
+            raise ValueError(f"knob must be one of {KNOBS} or plugins.NAME[.FIELD], got {self.knob!r}")
         if "sweep" in self.evaluators:
             raise ValueError("a sweep cannot contain a sweep")
         if self.knob == "lam" and not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.values):
@@ -41,12 +61,33 @@ class SweepConfig(Strict):
         return self
 
 
+def _plugin_variants(run, cfg: SweepConfig) -> list[tuple[str, Any]]:
+    """Each value of a plugin knob as (label, the plugin's validated settings with that value)."""
+    name = cfg.plugin
+    if name not in run.enabled:
+        raise UsageError(f"{run.source}: evaluate.sweep.knob: plugin {name!r} is not enabled in this run")
+    base = run.plugin_config(name)
+    if not hasattr(base, "model_dump"):
+        raise UsageError(f"{run.source}: evaluate.sweep.knob: plugin {name!r} has no settings to vary")
+    field = cfg.knob.split(".")[2] if cfg.knob.count(".") == 2 else None
+    variants = []
+    for i, value in enumerate(cfg.values):
+        changes = {field: value} if field else value
+        label = ",".join(f"{name}.{k}={v}" for k, v in changes.items())
+        settings = validate_section(type(base), {**base.model_dump(), **changes}, run.source,
+                                    f"evaluate.sweep.values[{i}]")
+        variants.append((label, settings))
+    return variants
+
+
 def check(run, cfg: SweepConfig) -> None:
     """Before anything is built: the knob is declared by an enabled plugin; nested settings are valid."""
     from . import EVALUATORS  # complete once the package has been imported
 
     declared = {k for n in run.enabled for k in run.plugins[n].knobs}
-    if cfg.knob not in declared:
+    if cfg.plugin is not None:
+        cfg._variants = _plugin_variants(run, cfg)
+    elif cfg.knob not in declared:
         raise UsageError(f"{run.source}: evaluate.sweep.knob: no enabled plugin declares knob {cfg.knob!r}"
                          + (f" (declared: {', '.join(sorted(declared))})" if declared else ""))
     parsed = {}
@@ -68,18 +109,40 @@ def sweep(model, ctx, report, cfg: SweepConfig) -> None:
     run = ctx.run
     if cfg._parsed is None:
         check(run, cfg)
-    parsed = cfg._parsed
     rows = []
-    for value in cfg.values:
+    for label, tick, sub_ctx, restore in _settings(ctx, cfg):
         sub = Report()
-        sub_ctx = dataclasses.replace(ctx, **{cfg.knob: knob_value(cfg.knob, value)})
-        for name, settings in parsed.items():
-            run.log.info("sweep %s=%s: %s", cfg.knob, value, name)
-            EVALUATORS[name].fn(model, sub_ctx, sub, settings)
-        report.update(sub.metrics, prefix=f"sweep/{cfg.knob}={value}/")
-        rows.append((value, sub.metrics))
+        try:
+            for name, settings in cfg._parsed.items():
+                run.log.info("sweep %s: %s", label, name)
+                EVALUATORS[name].fn(model, sub_ctx, sub, settings)
+        finally:
+            restore()
+        report.update(sub.metrics, prefix=f"sweep/{label}/")
+        rows.append((tick, sub.metrics))
     if run.dir is not None:
-        report.plots[f"sweep_{cfg.knob}"] = str(plot(cfg.knob, rows, run.dir / "plots" / f"sweep_{cfg.knob}.png"))
+        stem = f"sweep_{cfg.knob.removeprefix('plugins.')}"
+        report.plots[stem] = str(plot(cfg.knob.removeprefix("plugins."), rows, run.dir / "plots" / f"{stem}.png"))
+
+
+def _settings(ctx, cfg: SweepConfig):
+    """(key label, plot tick, context, restore) per value: a changed context, or the plugin's settings swapped in."""
+    if cfg.plugin is None:
+        for value in cfg.values:
+            sub_ctx = dataclasses.replace(ctx, **{cfg.knob: knob_value(cfg.knob, value)})
+            yield f"{cfg.knob}={value}", value, sub_ctx, _noop
+        return
+    run, name = ctx.run, cfg.plugin
+    original = run.plugin_configs[name]
+    one_field = cfg.knob.count(".") == 2
+    for (label, settings), value in zip(cfg._variants, cfg.values):
+        run.plugin_configs[name] = settings
+        tick = value if one_field else label.replace(f"{name}.", "")
+        yield label, tick, ctx, lambda: run.plugin_configs.__setitem__(name, original)
+
+
+def _noop() -> None:
+    return None
 
 
 def plot(knob: str, rows: list[tuple[Any, dict]], path):
