@@ -150,3 +150,19 @@ def test_compare_table_marks_missing_metrics():
     assert rows["pgd/acc"] == ["-", "0.1000"]
     assert rows["style/invert/acc"] == ["0.2000", "-"]
     assert rows["seed"] == ["0", "1"]
+
+
+def test_compare_shows_an_evaluation_stored_under_a_name(tmp_path, capsys):
+    run = tmp_path / "base"
+    run.mkdir()
+    metrics = {"clean/acc": 0.9, "corruptions/acc": 0.6, "corruptions/fog/acc": 0.2,
+               "corruptions/fog/3/acc": 0.25, "bnrect/corruptions/acc": 0.7, "bnrect/corruptions/fog/acc": 0.4}
+    (run / "results.json").write_text(json.dumps({"metrics": metrics, "seed": 3}))
+    assert main(["compare", str(run), f"{run}:bnrect"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["metric", "base", "base:bnrect"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert rows["corruptions/acc"] == ["0.6000", "0.7000"] and rows["corruptions/fog/acc"] == ["0.2000", "0.4000"]
+    assert rows["clean/acc"] == ["0.9000", "-"] and "corruptions/fog/3/acc" not in rows
+    assert main(["compare", f"{run}:nope"]) == 2
+    assert "no metrics stored under 'nope'" in capsys.readouterr().err

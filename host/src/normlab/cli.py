@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="every key, per-severity corruption keys included")
 
     c = sub.add_parser("compare", help="print runs side by side")
-    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR[:NAME]",
+                   help="a run directory; RUN_DIR:NAME shows the metrics stored by `normlab eval RUN_DIR --as NAME`")
     c.add_argument("--keys", help="comma list of metric keys (default: the headline metrics present)")
     return p
 
@@ -126,9 +127,9 @@ def compare_table(runs: dict[str, dict], keys: list[str] | None = None) -> str:
     """Runs side by side: one row per metric key, one column per run."""
     metrics = {name: r["metrics"] for name, r in runs.items()}
     if keys is None:
-        present = {k for m in metrics.values() for k in m}
+        present = list(dict.fromkeys(k for m in metrics.values() for k in m))  # evaluation order
         keys = [k for k in HEADLINE if k in present]
-        keys += sorted(k for k in present if k.startswith("style/") and k.count("/") == 2)
+        keys += [k for k in present if k.split("/")[0] in ("corruptions", "style") and k.count("/") == 2]
         keys += sorted(k for k in present if k.startswith("sweep/") and k.count("/") == 3 and k.endswith("/acc"))
     names = list(runs)
     kw = max([len("metric")] + [len(k) for k in keys])
@@ -146,10 +147,20 @@ def compare_table(runs: dict[str, dict], keys: list[str] | None = None) -> str:
 def _compare(run_dirs: list[str], keys: str | None) -> int:
     runs = {}
     for d in run_dirs:
+        prefix = None
+        if not Path(d).exists() and ":" in d:
+            d, prefix = d.rsplit(":", 1)
+        results = _results(d)
         name = Path(d).resolve().name
+        if prefix:
+            name += f":{prefix}"
+            metrics = {k[len(prefix) + 1:]: v for k, v in results["metrics"].items() if k.startswith(prefix + "/")}
+            if not metrics:
+                raise UsageError(f"{d}: no metrics stored under {prefix!r} (run `normlab eval {d} --as {prefix}`)")
+            results = {**results, "metrics": metrics}
         while name in runs:
             name += "'"
-        runs[name] = _results(d)
+        runs[name] = results
     print(compare_table(runs, [k.strip() for k in keys.split(",") if k.strip()] if keys else None))
     return EXIT_OK
 
