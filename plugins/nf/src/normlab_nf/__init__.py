@@ -16,7 +16,9 @@
   ``h + alpha * f(act(h) / beta)``, where ``beta`` is the expected std of ``h``
   tracked through depth (the expected variance grows by ``alpha**2`` per block and
   resets to 1 at a transition block, whose shortcut convolution sees the
-  normalised ``act(h) / beta``); the last gain of each branch starts at 0, so every
+  normalised ``act(h) / beta``, average-pooled instead of strided as in timm's
+  NF-ResNets); convolutions are re-initialised as timm's NF nets (N(0, 1/fan_in),
+  classifier N(0, 0.01)); the last gain of each branch starts at 0, so every
   block is its skip path at initialisation; activations are multiplied by the
   gamma that gives them unit variance on N(0, 1) inputs (NF-ResNets' ``gamma``,
   computed here by quadrature); a final gamma-scaled activation closes the last
