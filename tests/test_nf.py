@@ -248,11 +248,28 @@ def test_a_bn_checkpoint_cannot_initialise_an_nf_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_nf_runs_checkpoint_initialises_another_nf_run(tmp_path):
+    """The checkpoint fits only the converted model, so the host loads it after on_model."""
+    from safetensors.torch import save_file
+
+    cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"n_train": 64, "batch_size": 32},
+           "train": {"epochs": 0}, "plugins": {"nf": {}}, "evaluate": {"clean": {"n_examples": 64}}}
+    first = normlab.run(cfg, out=tmp_path / "a", quiet=True)
+    with torch.no_grad():
+        for p in first.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # weights a fresh build would not have
+    save_file({k: v.contiguous() for k, v in first.model.state_dict().items()}, str(tmp_path / "nf.safetensors"))
+    again = normlab.run({**cfg, "model": {"name": "resnet18", "checkpoint": str(tmp_path / "nf.safetensors")}},
+                        out=tmp_path / "b", quiet=True)
+    mine, theirs = first.model.state_dict(), again.model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 def test_pretrained_bn_weights_are_refused():
     from types import SimpleNamespace
 
     model_cfg = SimpleNamespace(name="resnet18", checkpoint=None, pretrained=True, robustbench=None)
-    run = SimpleNamespace(plugin_config=lambda name: nf.Config(), source="nf.yaml",
+    run = SimpleNamespace(plugin_config=lambda name: nf.Config(), source="nf.yaml", checkpoint_stage=None,
                           config=SimpleNamespace(model=model_cfg))
     with pytest.raises(normlab.UsageError, match=r"^nf.yaml: model.pretrained: timm's pretrained weights of "
                                                  r"'resnet18' are BN weights and cannot initialise an NF model"):

@@ -185,20 +185,27 @@ def load_state_file(path: str | Path, source: str, key: str = "model.checkpoint"
     return state
 
 
-def load_weights(model: NormlabNet, state: dict[str, torch.Tensor], source: str, key: str) -> None:
-    """Load a normlab (``backbone.*``) or plain timm state dict strictly, with a one-line error on mismatch."""
-    target: nn.Module = model if any(k.startswith("backbone.") for k in state) else model.backbone
-    own = target.state_dict()
+def _target(model: NormlabNet, state: dict[str, torch.Tensor]) -> nn.Module:
+    return model if any(k.startswith("backbone.") for k in state) else model.backbone
+
+
+def weights_mismatch(model: NormlabNet, state: dict[str, torch.Tensor]) -> str | None:
+    """Why a normlab (``backbone.*``) or plain timm state dict does not fit ``model``; None when it fits."""
+    own = _target(model, state).state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise UsageError(f"{source}: {key}: weights do not fit the model: " + "; ".join(parts))
-    target.load_state_dict(state, strict=True)
+    parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_weights(model: NormlabNet, state: dict[str, torch.Tensor], source: str, key: str) -> None:
+    """Load a normlab (``backbone.*``) or plain timm state dict strictly, with a one-line error on mismatch."""
+    problem = weights_mismatch(model, state)
+    if problem:
+        raise UsageError(f"{source}: {key}: weights do not fit the model: {problem}")
+    _target(model, state).load_state_dict(state, strict=True)
 
 
 def apply_norm_hooks(backbone: nn.Module, hooks: Any, run: Any) -> int:

@@ -31,7 +31,7 @@ from .errors import UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .manager import Hooks, PluginInfo, discover, inspect_plugin
 from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
-                    set_trainable)
+                    set_trainable, weights_mismatch)
 from .plots import training_curves
 from .train import train
 
@@ -70,6 +70,9 @@ class Run:
         self.features: list[str] = []
         self.trainable: list[str] | None = None
         self.state: dict[str, Any] = {}  # plugins' per-run scratch, by plugin name
+        # where model.checkpoint was loaded: "before" the plugins' on_model/on_batch_norm (into the plain
+        # backbone), "after" them (into the reshaped model), or None (no checkpoint)
+        self.checkpoint_stage: str | None = None
 
     # --- API for plugins -------------------------------------------------
     def plugin_config(self, name: str) -> Any:
@@ -128,11 +131,18 @@ class Run:
         self.data = build_data(cfg.data, self.source)
         backbone = create_backbone(cfg.model, self.data.num_classes, self.source)
         model = NormlabNet(backbone, *input_stats(cfg, self.data, self.source))
-        if load_init and cfg.model.checkpoint:
-            load_weights(model, load_state_file(cfg.model.checkpoint, self.source), self.source, "model.checkpoint")
+        init = load_state_file(cfg.model.checkpoint, self.source) if load_init and cfg.model.checkpoint else None
+        if init is not None and weights_mismatch(model, init) is None:
+            # weights of the plain backbone load before the plugins change it, so what plugins copy
+            # (AdvBN's auxiliary BNs, OAT's clean/adversarial pairs) starts from the trained layers
+            load_weights(model, init, self.source, "model.checkpoint")
+            self.checkpoint_stage, init = "before", None
         self.model = model
         model.backbone = self.hooks.call("on_model", model=model.backbone, run=self)
         apply_norm_hooks(model.backbone, self.hooks, self)
+        if init is not None:  # weights of a model the plugins reshape (another NF or OAT run) fit only now
+            load_weights(model, init, self.source, "model.checkpoint")
+            self.checkpoint_stage = "after"
         self._install_feature_hooks()
         model.to(self.device)
         if self.channels_last:

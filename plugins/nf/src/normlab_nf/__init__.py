@@ -378,7 +378,7 @@ def add_agc(model: nn.Module, clip: float, eps: float = 1e-3) -> int:
 def on_model(model, run):
     cfg: Config = run.plugin_config("nf")
     src, mcfg = run.source, run.config.model
-    if mcfg.checkpoint:
+    if run.checkpoint_stage == "before":  # the checkpoint fitted the BN backbone: BN weights
         raise UsageError(f"{src}: model.checkpoint: a BN checkpoint cannot initialise an NF model (plugins.nf "
                          f"removes every BN layer and standardises the convolutions); expected null: train the NF "
                          f"model from scratch")
