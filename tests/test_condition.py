@@ -222,6 +222,60 @@ def test_distinct_row_film_matches_host_film_values_and_gradients():
         torch.testing.assert_close(film(x.detach()), ref(x.detach()), rtol=1e-5, atol=1e-6)
 
 
+def test_fused_eval_bn_film_equals_norm_then_film_and_its_cache_follows_changes():
+    torch.manual_seed(6)
+    model, run = backbone(), FakeRun()
+    convert(model, run)
+    randomize_film(model)
+    with torch.no_grad():  # non-trivial statistics and affine parameters on both routes
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, cond.CondNormAct)]
+    assert len(layers) == 20
+    code = run.state["condition"]
+    x = torch.rand(9, 3, 32, 32)
+    for route, cond_rows in (("adv", code.table[torch.tensor([1, 2, 5, 5, 3, 1, 4, 2, 5])]),
+                             ("clean", code.table[:1]), ("adv", code.encode(0.7))):
+        ctx = Context(run=run, route=route, condition=cond_rows)
+        xi = x.clone().requires_grad_(True)
+        with ctx.active():
+            out = model(xi)
+            out.sum().backward()
+        generic = _unfused(model)
+        xr = x.clone().requires_grad_(True)
+        with ctx.active():
+            ref = generic(xr)
+            ref.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-4, atol=1e-6)
+    # parameters off (an attack): the coefficients are cached and follow in-place changes
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ctx = Context(run=run, route="adv", condition=code.table[torch.tensor([1, 5, 5])])
+    with torch.no_grad(), ctx.active():
+        first = model(x[:3])
+        assert layers[0].__dict__["_fused_cache"] is not None
+        with torch.no_grad():
+            layers[0].film.shift[2].bias.add_(0.5)  # an optimizer step changes parameters in place
+            layers[0].norm.routes[1].running_mean.add_(0.2)
+        changed = model(x[:3])
+        ref = _unfused(model)(x[:3])
+    assert (changed - first).abs().max() > 1e-3
+    torch.testing.assert_close(changed, ref, rtol=1e-4, atol=1e-5)
+
+
+def _unfused(model):
+    """A copy whose norm layers run norm, FiLM, drop and act one after the other (NormAct's forward)."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, cond.CondNormAct):
+            m.forward = types.MethodType(NormAct.forward, m)
+    return ref
+
+
 # --- the encoding ----------------------------------------------------------------
 
 def test_orthogonal_matrix_from_the_seed_and_safetensors_round_trip_bit_for_bit(tmp_path):
@@ -417,3 +471,19 @@ def test_host_run_checkpoint_holds_the_matrix_and_eval_reloads_it(tmp_path):
     assert torch.equal(again.model.backbone.condition_code.matrix.cpu(), matrix)  # from the checkpoint
     assert again.metrics["clean/acc"] == res.metrics["clean/acc"]
     assert json.loads((res.dir / "results.json").read_text())["plugins"]["condition"] == "0.1.0"
+
+
+@pytest.mark.slow
+def test_oat_with_the_real_pgd_plugin_trains_and_sweeps_lam(tmp_path):
+    pytest.importorskip("normlab_pgd")
+    cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 64, "n_train": 128},
+           "train": {"epochs": 1, "lr": 0.05},
+           "plugins": {"condition": {}, "pgd": {"eps": 0.2, "step_size": 0.1, "steps": 2}},
+           "evaluate": {"sweep": {"knob": "lam", "values": [0.0, 0.05, 1.0],
+                                  "evaluators": {"clean": {"n_examples": 64},
+                                                 "pgd": {"eps": 0.2, "steps": 2, "alpha": 0.1, "n_examples": 64}}}}}
+    res = normlab.run(cfg, out=tmp_path / "run", quiet=True)
+    assert res.history[0]["loss/adv"] > 0 and "loss/ce" in res.history[0]
+    for v in ("0.0", "0.05", "1.0"):
+        assert 0 <= res.metrics[f"sweep/lam={v}/pgd/acc"] <= res.metrics[f"sweep/lam={v}/clean/acc"]
+    assert (res.dir / "plots" / "sweep_lam.png").is_file()

@@ -46,9 +46,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from normlab import hookimpl
-from normlab.context import Context, current
+from normlab.context import Context, Routing, current
 from normlab.errors import UsageError
-from normlab.layers import FiLM, RoutedNorm, as_norm_act, iter_norms
+from normlab.layers import FiLM, NormAct, RoutedNorm, as_norm_act, iter_norms
 
 requires = ("pgd",)
 conflicts = ("nf", "advbn")
@@ -195,19 +195,85 @@ class LamFiLM(FiLM):
     gradients takes the plain per-row path.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-sample (scale, shift), each (n or 1, C), for the active condition; None without one."""
         ctx = current()
         c = ctx.condition
         if c is None:
-            return x
-        if c.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {x.shape[0]}")
+            return None
+        if c.shape[0] not in (1, n):
+            raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {n}")
         rows, inverse = _distinct_rows(ctx, c)
         rows = rows.to(dtype=self.scale[0].weight.dtype)
         scale, shift = self.scale(rows), self.shift(rows)
         if inverse is not None:
             scale, shift = scale[inverse], shift[inverse]
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coef = self.coefficients(x.shape[0])
+        if coef is None:
+            return x
+        scale, shift = coef
         return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, (1 + scale).to(x.dtype)[:, :, None, None])
+
+
+class CondNormAct(NormAct):
+    """:class:`~normlab.layers.NormAct` (same children and keys) that fuses an eval-mode BN with FiLM.
+
+    When the BN that the context selects uses its running statistics (eval
+    mode: attacks, evaluation) the layer is affine per sample and channel, so
+    ``FiLM(BN(x))`` is one ``addcmul``: ``x * a + b`` with ``a = w (1 + scale)``,
+    ``b = (beta - mean w) (1 + scale) + shift`` and ``w = gamma / sqrt(var + eps)``.
+    In training mode, with per-sample routes, or without a condition it runs
+    norm, FiLM, drop and act one after the other.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self._eval_bn()
+        coef = self._fused(bn, x.shape[0]) if bn is not None and isinstance(self.film, LamFiLM) else None
+        if coef is None:
+            return super().forward(x)
+        a, b = coef
+        return self.act(self.drop(torch.addcmul(b.to(x.dtype)[:, :, None, None], x, a.to(x.dtype)[:, :, None, None])))
+
+    def _fused(self, bn: nn.BatchNorm2d, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(a, b), each (n or 1, C), of ``FiLM(BN(x)) = x * a + b``; None without a condition.
+
+        Without parameter gradients (attacks, evaluation) the result is kept until the
+        condition, the BN or the FiLM parameters change, so the steps of an attack reuse it.
+        """
+        c = current().condition
+        if c is None:
+            return None
+        tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias, *self.film.parameters())
+        key = (c, c._version, bn) + tuple(None if t is None else t._version for t in tensors)
+        cache = self.__dict__.get("_fused_cache")
+        if cache is not None and len(cache[0]) == len(key) and all(
+                k is q if isinstance(k, (torch.Tensor, nn.Module)) else k == q for k, q in zip(cache[0], key)):
+            return cache[1]
+        scale, shift = self.film.coefficients(n)
+        w = torch.rsqrt(bn.running_var + bn.eps)
+        b = -bn.running_mean * w
+        if bn.affine:
+            w = w * bn.weight
+            b = b * bn.weight + bn.bias
+        out = ((1 + scale) * w, (1 + scale) * b + shift)
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        self.__dict__["_fused_cache"] = None if grads else (key, out)
+        return out
+
+    def _eval_bn(self) -> nn.BatchNorm2d | None:
+        """The plain BN this forward runs through, if it normalises with running statistics; else None."""
+        norm = self.norm
+        if isinstance(norm, RoutedNorm):
+            sel = getattr(current(), norm.key)
+            if isinstance(sel, Routing):
+                return None
+            norm = norm.routes[0] if sel is None else norm.routes[norm.index(sel)]
+        if type(norm) is not nn.BatchNorm2d or norm.training or not norm.track_running_stats:
+            return None
+        return norm
 
 
 def _distinct_rows(ctx: Context, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -262,7 +328,10 @@ def on_batch_norm(name, module, model, run):
     if cfg.dual_bn:
         layer.norm = RoutedNorm.copies(layer.norm, ROUTES)
     if cfg.film:
-        layer.film = LamFiLM(channels, cfg.code_dim, cfg.hidden or cfg.dim).train(layer.training)
+        film = LamFiLM(channels, cfg.code_dim, cfg.hidden or cfg.dim)
+        if type(layer) is NormAct:  # the fused eval path; a subclass from another plugin keeps its forward
+            layer = CondNormAct(layer.norm, drop=layer.drop, act=layer.act).train(layer.training)
+        layer.film = film.train(layer.training)
     return layer
 
 

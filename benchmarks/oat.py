@@ -1,0 +1,247 @@
+"""OAT step time versus plain PGD-AT step time: the cost of condition (dual BN, FiLM, lambda sampling).
+
+Issue 6 (Performance): an OAT training step (plugins ``condition`` + ``pgd``) may take at most 1.15 times
+a plain PGD-AT step (plugin ``pgd`` alone at lambda 1: Madry's PGD-AT, the host forward is the
+adversarial one) at the same batch, model and attack.
+
+Both sides are runs built by the real host (:func:`normlab.runner.prepare`, :meth:`Run.build`) and trained
+by the real :func:`normlab.train.train`: timm ``resnet18`` (10 classes, 32x32, the MNIST mean/std), the
+embedded MNIST train split through ``DataBundle.loader``, batch 128, SGD lr 0.05 momentum 0.9 wd 5e-4,
+constant schedule, fp32, and the same attack: Linf PGD, eps 0.2, step 0.07, 5 steps, random start (the
+settings of ``examples/oat.yaml`` and ``examples/pgd_at_1.0.yaml``). OAT attacks only its lambda != 0
+rows (106 of 128) and forwards the clean batch too; PGD-AT attacks all 128 rows and forwards once.
+
+Interleaving: the two ``train()`` calls run in two threads that hand a baton to each other, so exactly one
+of them computes at any time and they alternate step by step, ABAB...; the training loader each side asks
+``run.data`` for is wrapped to wait for the baton, time the step (fetching the batch plus the whole loop
+body: hooks, forwards, attack, loss terms, backward, optimizer step, bookkeeping) and pass the baton on.
+A burst of load from other processes therefore hits both sides of a pair alike. The first step of every
+``train()`` call (optimizer state allocation) is dropped on both sides; per-epoch validation and the
+checkpoint come after the last step and are not counted (validation uses a 128-image test subset to
+keep the benchmark short). Both models go back to their initial weights at every repetition.
+
+Reported: the median step time of each side, and the ratio as the median of the per-step ratios
+OAT / PGD-AT (also the ratio of medians and of totals).
+
+Usage::
+
+    .venv/bin/python benchmarks/oat.py [--steps N] [--repeats R] [--threads T] [--clock wall|cpu]
+
+Always exits 0 once the arguments parse: it is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ["NORMLAB_LOAD_PLUGINS"] = "condition,pgd"  # only the two plugins compared
+
+import torch  # noqa: E402
+
+from normlab.config import parse_run  # noqa: E402
+from normlab.runner import prepare  # noqa: E402
+from normlab.train import train  # noqa: E402
+
+BATCH = 128
+TARGET = 1.15
+MAX_STEPS = 4000 // BATCH  # one epoch of the embedded train split (drop_last)
+ATTACK = {"eps": 0.2, "step_size": 0.07, "steps": 5, "norm": "Linf", "random_start": True}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+SIDES = ("oat", "pgd_at")
+
+
+def run_config(side: str, steps: int, device: str) -> dict:
+    plugins = {"condition": {}, "pgd": dict(ATTACK)} if side == "oat" else {"pgd": {"lam": 1.0, **ATTACK}}
+    return {
+        "seed": 0,
+        "model": {"name": "resnet18"},
+        "data": {"name": "mnist", "batch_size": BATCH, "n_train": BATCH * steps, "num_workers": 0},
+        "train": {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4,
+                  "schedule": "constant", "warmup_epochs": 0, "device": device, "amp": False,
+                  "channels_last": False},
+        "plugins": plugins,
+        "evaluate": {"clean": {}},
+    }
+
+
+class Baton:
+    """Strict alternation between the two sides; a side that has finished no longer holds the other up."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.turn = 0
+        self.done = [False, False]
+
+    def wait(self, me: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == me or self.done[1 - me])
+
+    def pass_on(self, me: int) -> None:
+        with self.cond:
+            self.turn = 1 - me
+            self.cond.notify_all()
+
+    def finish(self, me: int) -> None:
+        with self.cond:
+            self.done[me] = True
+            self.turn = 1 - me
+            self.cond.notify_all()
+
+
+class BatonLoader:
+    """Wraps the training DataLoader: each step waits for the baton, is timed, and passes it on."""
+
+    def __init__(self, loader, side: "Side"):
+        self.loader, self.side = loader, side
+        self.sampler = loader.sampler
+        self.times: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        side, clock = self.side, self.side.clock
+        it = iter(self.loader)
+        while True:
+            side.baton.wait(side.index)
+            _sync(side.device)
+            t0 = clock()
+            try:
+                batch = next(it)
+            except StopIteration:
+                side.baton.finish(side.index)
+                return
+            yield batch
+            _sync(side.device)
+            self.times.append(clock() - t0)
+            side.baton.pass_on(side.index)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Side:
+    """One run built by the real host, trained by the real ``train()`` with a baton-passing loader."""
+
+    def __init__(self, name: str, index: int, steps: int, device: str, run_dir: Path, clock):
+        self.name, self.index, self.clock = name, index, clock
+        cfg = parse_run(run_config(name, steps, device), f"benchmark:{name}")
+        self.run = run = prepare(cfg, f"benchmark:{name}", quiet=True)
+        run.build()
+        run.dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = run.device
+        self.initial = copy.deepcopy(run.model.state_dict())
+        self.baton: Baton | None = None
+        self.loader: BatonLoader | None = None
+        real_loader = run.data.loader
+
+        def loader(split, *args, **kwargs):
+            if split != "train":
+                kwargs["n"] = BATCH  # the per-epoch validation pass, after the timed steps
+                return real_loader(split, *args, **kwargs)
+            self.loader = BatonLoader(real_loader(split, *args, **kwargs), self)
+            return self.loader
+
+        run.data.loader = loader  # an instance attribute: shadows the method for this run only
+
+    def epoch(self, steps: int, baton: Baton, errors: list) -> None:
+        self.run.model.load_state_dict(self.initial)
+        self.run.config.data.n_train = BATCH * steps
+        self.baton = baton
+        try:
+            train(self.run)
+        except BaseException as e:  # report in the main thread; never leave the other side waiting
+            errors.append(e)
+            baton.finish(self.index)
+
+    def times(self) -> list[float]:
+        return self.loader.times[1:]
+
+
+def alternate(sides: list[Side], steps: int, first: int) -> dict[str, list[float]]:
+    """One ``train()`` call per side, stepping alternately; ``first`` starts."""
+    baton = Baton()
+    baton.turn = first
+    errors: list = []
+    threads = [threading.Thread(target=s.epoch, args=(steps, baton, errors), name=s.name) for s in sides]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {s.name: s.times() for s in sides}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=12, help=f"steps per train() call and side (3 to {MAX_STEPS}; "
+                                                          "default 12)")
+    ap.add_argument("--repeats", type=int, default=3, help="train() calls per side (default 3)")
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="wall: elapsed time (default); cpu: the process's CPU time (use with --threads 1)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
+    args = ap.parse_args(argv)
+    if not 3 <= args.steps <= MAX_STEPS:
+        ap.error(f"--steps must be between 3 and {MAX_STEPS}")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+
+    times = {s: [] for s in SIDES}
+    try:
+        t_start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="normlab-bench-oat-") as tmp:
+            sides = [Side(name, i, args.steps, args.device, Path(tmp) / name, clock) for i, name in enumerate(SIDES)]
+            oat = sides[0].run
+            assert oat.enabled == ["condition", "pgd"] and sides[1].run.enabled == ["pgd"]
+            if not args.quiet:
+                print(f"oat benchmark: resnet18, batch {BATCH}, PGD-{ATTACK['steps']} eps {ATTACK['eps']} step "
+                      f"{ATTACK['step_size']}; {args.steps} steps x {args.repeats} repeats per side, clock "
+                      f"{args.clock}, device {oat.device}, torch threads {torch.get_num_threads()}", flush=True)
+            alternate(sides, 3, 0)  # warm-up: allocator, kernels, the loader path
+            for r in range(args.repeats):
+                got = alternate(sides, args.steps, r % 2)
+                for s in SIDES:
+                    times[s] += got[s]
+                if not args.quiet:
+                    ratios = [a / b for a, b in zip(got["oat"], got["pgd_at"])]
+                    print(f"  repeat {r + 1}/{args.repeats}: PGD-AT {statistics.median(got['pgd_at']):.4f}  "
+                          f"OAT {statistics.median(got['oat']):.4f}  ratio {statistics.median(ratios):.3f}",
+                          flush=True)
+    except Exception as e:  # a measurement: report and exit 0
+        print(f"oat benchmark: failed: {type(e).__name__}: {e}", flush=True)
+        return 0
+
+    oat_t, pgd_t = times["oat"], times["pgd_at"]
+    ratios = [a / b for a, b in zip(oat_t, pgd_t)]
+    ratio = statistics.median(ratios)
+    if not args.quiet:
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
+        print(f"  {len(ratios)} paired steps; ratio quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}; ratio of "
+              f"medians {statistics.median(oat_t) / statistics.median(pgd_t):.3f}; ratio of totals "
+              f"{sum(oat_t) / sum(pgd_t):.3f}; wall {time.perf_counter() - t_start:.0f} s", flush=True)
+    print(f"oat: PGD-AT {statistics.median(pgd_t):.4f} s/step, OAT {statistics.median(oat_t):.4f} s/step, "
+          f"ratio {ratio:.3f} (target <= {TARGET:.2f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
