@@ -33,6 +33,13 @@ choices' range get the nearest end's row. Lambda = 0 uses the clean BNs.
 
 Ablations: ``dual_bn: false`` keeps one BN (with FiLM), ``film: false`` keeps the
 dual BN without FiLM.
+
+Speed (the layers are the host's, with the same parameters and state-dict keys):
+:class:`LamFiLM` runs the FiLM MLPs once per distinct encoding row of the batch
+(6 in training, not 128) and applies ``x * (1 + s) + t`` as one ``addcmul``;
+:class:`CondNormAct` fuses an eval-mode BN with FiLM into one ``addcmul``
+(attacks and evaluation), with the per-layer coefficients kept across the
+steps of an attack while nothing they depend on changes.
 """
 
 from __future__ import annotations
