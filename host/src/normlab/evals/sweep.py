@@ -154,12 +154,19 @@ def plot(knob: str, rows: list[tuple[Any, dict]], path):
     acc_keys = [k for k in rows[0][1] if k.endswith("/acc") and k.count("/") == 1]
     adv = next((k for k in acc_keys if k.split("/")[0] in ATTACK_PREFIXES), None)
     sara = "clean/acc" in acc_keys and adv is not None
-    fig, axes = plt.subplots(1, 2 if sara else 1, figsize=(9 if sara else 5, 3.6), squeeze=False)
-    ax = axes[0][0]
     xs = [str(v) for v, _ in rows]
+    long_ticks = sum(len(x) for x in xs) > 40  # variants such as "n_samples=8": rotate, widen
+    width = max(5.0, 0.5 * len(xs)) if long_ticks else 5.0
+    fig, axes = plt.subplots(1, 2 if sara else 1, figsize=(width + (4 if sara else 0), 3.6 + long_ticks),
+                             squeeze=False)
+    ax = axes[0][0]
     for key in acc_keys:
         ax.plot(xs, [m[key] for _, m in rows], marker="o", label=key)
     ax.set(xlabel=knob, ylabel="accuracy", title=f"accuracy by {knob}")
+    if long_ticks:
+        ax.tick_params(axis="x", labelrotation=45)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     ax.grid(alpha=0.3)
     ax.legend()
     if sara:
