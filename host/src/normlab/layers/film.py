@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..context import current
+from ..context import Context, current
 
 __all__ = ["FiLM"]
 
@@ -17,6 +17,12 @@ class FiLM(nn.Module):
     their last layers start at zero, so a fresh FiLM is the identity. With no
     condition in the context (None) FiLM is the identity too. A one-row
     condition applies to every sample.
+
+    A batch's condition usually repeats a few rows (OAT: one encoding per
+    sampled lambda), so the MLPs run once per distinct row, found once per
+    condition tensor and shared by every FiLM layer through ``ctx.state``, and
+    the result is gathered per sample. A condition that needs gradients takes
+    the plain per-row path.
     """
 
     def __init__(self, num_features: int, cond_dim: int, hidden: int | None = None):
@@ -32,13 +38,36 @@ class FiLM(nn.Module):
         nn.init.zeros_(mlp[2].bias)
         return mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = current().condition
+    def coefficients(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-sample (scale, shift), each (n or 1, C), for the active condition; None without one."""
+        ctx = current()
+        c = ctx.condition
         if c is None:
+            return None
+        if c.shape[0] not in (1, n):  # one row (a test-time knob) applies to the whole batch
+            raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {n}")
+        rows, inverse = _distinct_rows(ctx, c)
+        rows = rows.to(dtype=self.scale[0].weight.dtype)
+        scale, shift = self.scale(rows), self.shift(rows)
+        if inverse is not None:
+            scale, shift = scale[inverse], shift[inverse]
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coef = self.coefficients(x.shape[0])
+        if coef is None:
             return x
-        if c.shape[0] not in (1, x.shape[0]):  # one row (a test-time knob) applies to the whole batch
-            raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {x.shape[0]}")
-        c = c.to(dtype=self.scale[0].weight.dtype)
-        scale = self.scale(c).to(x.dtype)[:, :, None, None]
-        shift = self.shift(c).to(x.dtype)[:, :, None, None]
-        return x * (1 + scale) + shift
+        scale, shift = coef
+        return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, (1 + scale).to(x.dtype)[:, :, None, None])
+
+
+def _distinct_rows(ctx: Context, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(distinct rows, per-sample index into them), or (c, None) where that saves nothing."""
+    if c.shape[0] == 1 or c.requires_grad:
+        return c, None
+    hit = ctx.state.get("film.rows")
+    if hit is not None and hit[0] is c and hit[1] == c._version:
+        return hit[2], hit[3]
+    rows, inverse = torch.unique(c, dim=0, return_inverse=True)
+    ctx.state["film.rows"] = (c, c._version, rows, inverse)
+    return rows, inverse

@@ -34,10 +34,9 @@ choices' range get the nearest end's row. Lambda = 0 uses the clean BNs.
 Ablations: ``dual_bn: false`` keeps one BN (with FiLM), ``film: false`` keeps the
 dual BN without FiLM.
 
-Speed (the layers are the host's, with the same parameters and state-dict keys):
-:class:`LamFiLM` runs the FiLM MLPs once per distinct encoding row of the batch
-(6 in training, not 128) and applies ``x * (1 + s) + t`` as one ``addcmul``;
-:class:`CondNormAct` fuses an eval-mode BN with FiLM into one ``addcmul``
+Speed: the host's :class:`~normlab.layers.FiLM` runs its MLPs once per distinct
+encoding row of the batch (6 in training, not 128); :class:`CondNormAct` (the
+host's NormAct with the same children and state-dict keys) fuses an eval-mode BN with FiLM into one ``addcmul``
 (attacks and evaluation), with the per-layer coefficients kept across the
 steps of an attack while nothing they depend on changes.
 """
@@ -191,40 +190,6 @@ def sample_indices(n: int, cfg: Config, generator: torch.Generator | None = None
     return idx[perm], perm
 
 
-class LamFiLM(FiLM):
-    """:class:`~normlab.layers.FiLM` that runs its MLPs once per distinct condition row.
-
-    Same parameters, state-dict keys and value as ``FiLM``. A training batch
-    holds only ``len(choices)`` distinct encodings, so the MLPs run on those rows
-    (found once per condition tensor and step, cached in ``ctx.state``, shared by
-    every layer and every attack step) and the result is gathered per sample;
-    ``x * (1 + scale) + shift`` is one fused ``addcmul``. A condition that needs
-    gradients takes the plain per-row path.
-    """
-
-    def coefficients(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-sample (scale, shift), each (n or 1, C), for the active condition; None without one."""
-        ctx = current()
-        c = ctx.condition
-        if c is None:
-            return None
-        if c.shape[0] not in (1, n):
-            raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {n}")
-        rows, inverse = _distinct_rows(ctx, c)
-        rows = rows.to(dtype=self.scale[0].weight.dtype)
-        scale, shift = self.scale(rows), self.shift(rows)
-        if inverse is not None:
-            scale, shift = scale[inverse], shift[inverse]
-        return scale, shift
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        coef = self.coefficients(x.shape[0])
-        if coef is None:
-            return x
-        scale, shift = coef
-        return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, (1 + scale).to(x.dtype)[:, :, None, None])
-
-
 class CondNormAct(NormAct):
     """:class:`~normlab.layers.NormAct` (same children and keys) that fuses an eval-mode BN with FiLM.
 
@@ -238,7 +203,7 @@ class CondNormAct(NormAct):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self._eval_bn()
-        coef = self._fused(bn, x.shape[0]) if bn is not None and isinstance(self.film, LamFiLM) else None
+        coef = self._fused(bn, x.shape[0]) if bn is not None and isinstance(self.film, FiLM) else None
         if coef is None:
             return super().forward(x)
         a, b = coef
@@ -283,19 +248,6 @@ class CondNormAct(NormAct):
         return norm
 
 
-def _distinct_rows(ctx: Context, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(distinct rows, per-sample index into them), or (c, None) where that saves nothing."""
-    if c.shape[0] == 1 or c.requires_grad:
-        return c, None
-    scratch = ctx.state.setdefault("condition", {})
-    hit = scratch.get("rows")
-    if hit is not None and hit[0] is c and hit[1] == c._version:
-        return hit[2], hit[3]
-    rows, inverse = torch.unique(c, dim=0, return_inverse=True)
-    scratch["rows"] = (c, c._version, rows, inverse)
-    return rows, inverse
-
-
 def _channels(norm: nn.Module) -> int:
     if hasattr(norm, "num_features"):
         return int(norm.num_features)
@@ -335,7 +287,7 @@ def on_batch_norm(name, module, model, run):
     if cfg.dual_bn:
         layer.norm = RoutedNorm.copies(layer.norm, ROUTES)
     if cfg.film:
-        film = LamFiLM(channels, cfg.code_dim, cfg.hidden or cfg.dim)
+        film = FiLM(channels, cfg.code_dim, cfg.hidden or cfg.dim)
         if type(layer) is NormAct:  # the fused eval path; a subclass from another plugin keeps its forward
             layer = CondNormAct(layer.norm, drop=layer.drop, act=layer.act).train(layer.training)
         layer.film = film.train(layer.training)
