@@ -184,6 +184,35 @@ def alternate(sides: list[Side], steps: int, first: int) -> dict[str, list[float
     return {s.name: s.times() for s in sides}
 
 
+def diff_ratio(steps: int, repeats: int, device: str, clock, quiet: bool) -> dict[str, list[float]]:
+    """Cross-check without threads: per side, time whole ``train()`` calls of ``steps`` and of 2 steps.
+
+    The difference divided by ``steps - 2`` is the cost of a step after the first; the per-epoch
+    validation and checkpoint cancel out. The sides run one after the other, order flipped each repeat.
+    """
+    per_step: dict[str, list[float]] = {s: [] for s in SIDES}
+
+    def timed(side: str, n: int) -> float:
+        cfg = run_config(side, n, device)
+        cfg["evaluate"] = {}
+        run = prepare(parse_run(cfg, f"benchmark:{side}"), f"benchmark:{side}", quiet=True)
+        run.build()
+        with tempfile.TemporaryDirectory(prefix="normlab-bench-oat-") as tmp:
+            run.dir = Path(tmp)
+            _sync(run.device)
+            t0 = clock()
+            train(run)
+            _sync(run.device)
+            return clock() - t0
+
+    for r in range(repeats):
+        for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+            per_step[side].append((timed(side, steps) - timed(side, 2)) / (steps - 2))
+            if not quiet:
+                print(f"  repeat {r + 1}/{repeats}: {side} {per_step[side][-1]:.4f} s/step", flush=True)
+    return per_step
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=12, help=f"steps per train() call and side (3 to {MAX_STEPS}; "
@@ -193,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                     help="wall: elapsed time (default); cpu: the process's CPU time (use with --threads 1)")
+    ap.add_argument("--method", choices=("pairs", "diff"), default="pairs",
+                    help="pairs: the two train() calls alternate step by step in two threads (default); diff: "
+                         "whole train() calls one after the other, (T(steps) - T(2)) / (steps - 2) per side")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
     args = ap.parse_args(argv)
     if not 3 <= args.steps <= MAX_STEPS:
@@ -205,6 +237,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
 
+    if args.method == "diff":
+        got = diff_ratio(args.steps, args.repeats, args.device, clock, args.quiet)
+        ratio = sum(got["oat"]) / sum(got["pgd_at"])
+        print(f"oat (diff): PGD-AT {statistics.median(got['pgd_at']):.4f} s/step, OAT "
+              f"{statistics.median(got['oat']):.4f} s/step, ratio {ratio:.3f} (target <= {TARGET:.2f})", flush=True)
+        return 0
     times = {s: [] for s in SIDES}
     try:
         t_start = time.perf_counter()
