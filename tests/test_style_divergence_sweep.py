@@ -166,3 +166,21 @@ def test_compare_shows_an_evaluation_stored_under_a_name(tmp_path, capsys):
     assert rows["clean/acc"] == ["0.9000", "-"] and "corruptions/fog/3/acc" not in rows
     assert main(["compare", f"{run}:nope"]) == 2
     assert "no metrics stored under 'nope'" in capsys.readouterr().err
+
+
+def test_compare_plots_runs_and_sweeps_on_the_sa_ra_plane(tmp_path, capsys):
+    oat, at = tmp_path / "oat", tmp_path / "at"
+    for d in (oat, at):
+        d.mkdir()
+    sweep = {f"sweep/lam={v}/{k}": a for v, sa, ra in ((0, 0.95, 0.2), (1, 0.9, 0.5))
+             for k, a in (("clean/acc", sa), ("pgd/acc", ra))}
+    (oat / "results.json").write_text(json.dumps({"metrics": sweep, "seed": 0}))
+    (at / "results.json").write_text(json.dumps({"metrics": {"clean/acc": 0.88, "pgd/acc": 0.45}, "seed": 0}))
+    png = tmp_path / "sara.png"
+    assert main(["compare", str(oat), str(at), "--plot", str(png)]) == 0
+    assert f"plot: {png}" in capsys.readouterr().out and png.stat().st_size > 5000
+    clean_only = tmp_path / "clean"
+    clean_only.mkdir()
+    (clean_only / "results.json").write_text(json.dumps({"metrics": {"clean/acc": 0.9}, "seed": 0}))
+    assert main(["compare", str(clean_only), "--plot", str(tmp_path / "none.png")]) == 0
+    assert "no run has both" in capsys.readouterr().out and not (tmp_path / "none.png").exists()

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR[:NAME]",
                    help="a run directory; RUN_DIR:NAME shows the metrics stored by `normlab eval RUN_DIR --as NAME`")
     c.add_argument("--keys", help="comma list of metric keys (default: the headline metrics present)")
+    c.add_argument("--plot", metavar="PNG", help="also write the standard-accuracy / robust-accuracy plane: "
+                                                   "each run's point, each sweep's curve")
     return p
 
 
@@ -144,7 +146,7 @@ def compare_table(runs: dict[str, dict], keys: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _compare(run_dirs: list[str], keys: str | None) -> int:
+def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None) -> int:
     runs = {}
     for d in run_dirs:
         prefix = None
@@ -162,6 +164,11 @@ def _compare(run_dirs: list[str], keys: str | None) -> int:
             name += "'"
         runs[name] = results
     print(compare_table(runs, [k.strip() for k in keys.split(",") if k.strip()] if keys else None))
+    if plot:
+        from .plots import sara_plot
+
+        written = sara_plot(runs, Path(plot))
+        print(f"plot: {written}" if written else "plot: no run has both a clean and an attack accuracy")
     return EXIT_OK
 
 
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args.run_dir, args.all)
         if args.command == "compare":
-            return _compare(args.run_dirs, args.keys)
+            return _compare(args.run_dirs, args.keys, args.plot)
         from . import runner
 
         quiet = True if args.quiet else None

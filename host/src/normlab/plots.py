@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# the attack evaluators' names, strongest first: the robust accuracy an SA-RA plot shows
+ATTACKS = ("autoattack", "pgd", "apgd", "apgd_dlr", "fgsm", "mifgsm", "cw", "square")
+
+
+def save(fig, path: Path) -> Path:
+    """Lay out, write ``fig`` as a PNG at ``path`` (parents created), close it; return ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 
 def training_curves(history: list[dict], path: Path) -> Path | None:
     """Train loss and validation accuracy per epoch; None when there is nothing to draw."""
@@ -27,8 +41,40 @@ def training_curves(history: list[dict], path: Path) -> Path | None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
+
+
+def sara_plot(runs: dict[str, dict], path: Path) -> Path | None:
+    """SA-RA plane: a point per run with clean and attack accuracy, a curve per sweep. None if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    plotted = False
+    for name, results in runs.items():
+        m = results["metrics"]
+        attack = next((a for a in ATTACKS if f"{a}/acc" in m), None)
+        if "clean/acc" in m and attack:
+            ax.scatter(m["clean/acc"], m[f"{attack}/acc"], marker="s", zorder=3)
+            ax.annotate(name, (m["clean/acc"], m[f"{attack}/acc"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8)
+            plotted = True
+        values = list(dict.fromkeys(k.split("/")[1] for k in m if k.startswith("sweep/")))
+        points = [(v, m.get(f"sweep/{v}/clean/acc"), next((m[f"sweep/{v}/{a}/acc"] for a in ATTACKS
+                                                          if f"sweep/{v}/{a}/acc" in m), None)) for v in values]
+        points = [p for p in points if p[1] is not None and p[2] is not None]
+        if points:
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=f"{name} (sweep)")
+            for v, sa, ra in points:
+                ax.annotate(v, (sa, ra), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="standard accuracy (clean/acc)", ylabel="robust accuracy (attack/acc)", title="SA-RA")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return save(fig, path)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..layers.norm import iter_norms
 from ..layers.split import split_points
+from ..plots import save
 from ..train import autocast
 from . import EvalSettings, Evaluator
 from .style import GENERATED, StyleConfig, generated_domain
@@ -135,11 +136,7 @@ def plot(curves: dict[str, list[float]], layers: list[str], path):
     ax.set(ylabel="symmetric KL (mean over channels)", title="feature divergence by layer", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 EVALUATORS = [Evaluator("divergence", DivergenceConfig, divergence,

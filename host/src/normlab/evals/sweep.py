@@ -26,10 +26,10 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from ..config import Strict, validate_section
 from ..errors import UsageError
+from ..plots import ATTACKS, save
 from . import Evaluator, Report
 
 KNOBS = ("lam", "width", "route")
-ATTACK_PREFIXES = ("autoattack", "pgd", "apgd", "apgd_dlr", "fgsm", "mifgsm", "cw", "square")
 
 
 class SweepConfig(Strict):
@@ -152,7 +152,7 @@ def plot(knob: str, rows: list[tuple[Any, dict]], path):
     import matplotlib.pyplot as plt
 
     acc_keys = [k for k in rows[0][1] if k.endswith("/acc") and k.count("/") == 1]
-    adv = next((k for k in acc_keys if k.split("/")[0] in ATTACK_PREFIXES), None)
+    adv = next((k for k in acc_keys if k.split("/")[0] in ATTACKS), None)
     sara = "clean/acc" in acc_keys and adv is not None
     xs = [str(v) for v, _ in rows]
     long_ticks = sum(len(x) for x in xs) > 40  # variants such as "n_samples=8": rotate, widen
@@ -177,11 +177,7 @@ def plot(knob: str, rows: list[tuple[Any, dict]], path):
             ax.annotate(f"{knob}={v}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set(xlabel="standard accuracy (SA)", ylabel=f"robust accuracy ({adv})", title="SA-RA trade-off")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 EVALUATORS = [Evaluator("sweep", SweepConfig, sweep, "chosen evaluators once per value of a test-time knob",
