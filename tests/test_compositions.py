@@ -1,0 +1,62 @@
+"""The composition cases of DESIGN.md section 5, end to end on tiny runs: each trains, and each
+plugin's part shows in numbers (loss terms, frozen parts, which BN layers were rectified)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import normlab
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(plugins, evaluate=None, **train):
+    return {"seed": 0, "model": {"name": "resnet18"}, "data": {"n_train": 128, "batch_size": 64},
+            "train": {"epochs": 1, "lr": 0.02, "warmup_epochs": 0, "threads": 1, **train}, "plugins": plugins,
+            "evaluate": evaluate if evaluate is not None else {"clean": {"n_examples": 64}}}
+
+
+def last_row(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def test_augmix_with_advbn_trains_the_tail_on_jsd_plus_the_adversarial_term(tmp_path):
+    cfg = tiny({"augmix": {"views": 2, "workers": 0}, "advbn": {"steps": 2, "samples": "clean"}})
+    before = normlab.run({**cfg, "train": {**cfg["train"], "epochs": 0}}, out=tmp_path / "init", quiet=True)
+    res = normlab.run(cfg, out=tmp_path / "r", quiet=True)
+    row = last_row(res.dir)
+    assert float(row["loss/ce"]) > 0 and float(row["loss/advbn"]) > 0  # JSD replaced ce; advbn added
+    start, end = before.model.state_dict(), res.model.state_dict()
+    front = [k for k in start if k.split(".")[1] in ("conv1", "bn1", "layer1")]
+    tail = [k for k in start if k.startswith("backbone.layer4") and k.endswith("weight")]
+    assert front and all(torch.equal(start[k], end[k]) for k in front)  # the front is frozen, BN stats too
+    assert any(not torch.equal(start[k], end[k]) for k in tail)
+
+
+def test_nofrost_star_averages_clean_augmented_and_adversarial_ce(tmp_path):
+    cfg = tiny({"nf": {}, "pgd": {"combine": "mean", "attack_rows": "clean", "eps": 0.1, "step_size": 0.05,
+                                  "steps": 2},
+                "augmix": {"views": 1, "loss": "ce", "workers": 0}})
+    res = normlab.run(cfg, out=tmp_path / "r", quiet=True)
+    row = last_row(res.dir)
+    # logged terms are weight * mean: ce over 2N rows weighs 2N / 3N, adv over N rows weighs N / 3N
+    ce, adv = float(row["loss/ce"]), float(row["loss/adv"])
+    assert ce > 0 and adv > 0
+    assert float(row["train_loss"]) == pytest.approx(ce + adv, rel=1e-6)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in res.model.modules())
+
+
+def test_advbn_with_bnrect_rectifies_the_front_and_the_route_in_use(tmp_path):
+    cfg = tiny({"advbn": {"steps": 1, "route": "aux"}, "bnrect": {"n_samples": 16}},
+               evaluate={"style": {"n_examples": 64, "domains": ["invert"]}}, epochs=0)
+    res = normlab.run(cfg, out=tmp_path / "r", quiet=True)
+    bns = [n for n, m in res.model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    aux = [n for n in bns if ".routes.1" in n]
+    main = [n for n in bns if ".routes.0" in n]
+    plain = [n for n in bns if ".routes." not in n]  # the front's BN layers
+    assert aux and len(aux) == len(main) and plain
+    record = json.loads((res.dir / "results.json").read_text())["records"]["bnrect"]["domains"]["style/invert"]
+    assert record == {"n_samples": 16, "bn_layers": len(plain) + len(aux)}
