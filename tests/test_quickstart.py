@@ -29,3 +29,15 @@ def test_quickstart_reaches_95_percent_in_3_minutes_under_3_gb(tmp_path):
     assert seconds < 180
     assert peak_gb < 3.0
     assert "clean/acc" in proc.stdout  # the results table
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_run_file_is_valid(path):
+    """Each example validates as `normlab run` would before building: keys, plugins (installed, requires,
+    conflicts, order), each plugin's and evaluator's settings, sweep knobs."""
+    from normlab.config import load_run_file
+    from normlab.runner import prepare
+
+    cfg, _ = load_run_file(path)
+    run = prepare(cfg, str(path), quiet=True)
+    assert run.enabled == list(cfg.plugins)
