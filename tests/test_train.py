@@ -49,8 +49,10 @@ def test_same_seed_same_metrics_and_different_seed_differs(tiny_config, tmp_path
     assert [r["train_loss"] for r in read_metrics(c.dir)] != [r["train_loss"] for r in read_metrics(a.dir)]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tiny_config, tmp_path, write_yaml):
     tiny_config["train"]["epochs"] = 3
+    tiny_config["train"]["threads"] = 1  # the same in the killed subprocess and here, whatever ran before
     tiny_config["plugins"] = {"killer": {}}
     path = write_yaml(tiny_config)
     ref = normlab.run(path, out=tmp_path / "ref", plugins={"killer": Killer()}, quiet=True)
