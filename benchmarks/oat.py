@@ -7,7 +7,7 @@ adversarial one) at the same batch, model and attack.
 Both sides are runs built by the real host (:func:`normlab.runner.prepare`, :meth:`Run.build`) and trained
 by the real :func:`normlab.train.train`: timm ``resnet18`` (10 classes, 32x32, the MNIST mean/std), the
 embedded MNIST train split through ``DataBundle.loader``, batch 128, SGD lr 0.05 momentum 0.9 wd 5e-4,
-constant schedule, fp32, and the same attack: Linf PGD, eps 0.2, step 0.07, 5 steps, random start (the
+constant schedule, fp32, and the same attack: Linf PGD, eps 0.3, step 0.1, 5 steps, random start (the
 settings of ``examples/oat.yaml`` and ``examples/pgd_at_1.0.yaml``). OAT attacks only its lambda != 0
 rows (106 of 128) and forwards the clean batch too; PGD-AT attacks all 128 rows and forwards once.
 
@@ -53,7 +53,7 @@ from normlab.train import train  # noqa: E402
 BATCH = 128
 TARGET = 1.15
 MAX_STEPS = 4000 // BATCH  # one epoch of the embedded train split (drop_last)
-ATTACK = {"eps": 0.2, "step_size": 0.07, "steps": 5, "norm": "Linf", "random_start": True}
+ATTACK = {"eps": 0.3, "step_size": 0.1, "steps": 5, "norm": "Linf", "random_start": True}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SIDES = ("oat", "pgd_at")
 
