@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -81,7 +82,7 @@ def results_table(results: dict, everything: bool = True) -> str:
 def _plugins(as_json: bool) -> int:
     from .manager import discover
 
-    infos = [i.as_dict() for i in discover().values()]
+    infos = [i.as_dict() for _, i in sorted(discover().items())]
     if as_json:
         print(json.dumps(infos, indent=2))
         return EXIT_OK
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("normlab: interrupted; continue with --resume", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception:
         traceback.print_exc()
         return EXIT_FAILURE
