@@ -1,3 +1,4 @@
+import copy
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,28 @@ def write_yaml(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_plugin_env(monkeypatch):
     monkeypatch.delenv("NORMLAB_LOAD_PLUGINS", raising=False)
+
+
+def input_batch_stats(model, x):
+    """Per-BN mean and unbiased variance of each BN's input, from forward hooks on a train-mode copy."""
+    import torch
+    from torch import nn
+
+    ref = copy.deepcopy(model).train()
+    stats = {}
+
+    def hook(name):
+        def fn(mod, inputs, out):
+            f = inputs[0].transpose(0, 1).flatten(1)
+            stats[name] = (f.mean(1), f.var(1, unbiased=True))
+        return fn
+
+    for n, m in ref.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(hook(n))
+    with torch.no_grad():
+        ref(x)
+    return stats
 
 
 def subprocess_env(**extra):

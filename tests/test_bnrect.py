@@ -1,7 +1,5 @@
 """BN rectification: adapted statistics equal the adaptation batch's, variants, exact restore, routes."""
 
-import copy
-
 import pytest
 import timm
 import torch
@@ -9,6 +7,7 @@ from torch import nn
 
 import normlab
 import normlab_bnrect as bnrect
+from conftest import input_batch_stats
 from normlab.context import Context
 from normlab.layers import RoutedNorm, as_norm_act, map_norms
 from normlab.model import NormlabNet
@@ -27,25 +26,6 @@ def make_model(name="resnet18"):
         for _ in range(3):
             net(torch.rand(16, 3, 32, 32))
     return net.eval()
-
-
-def input_batch_stats(model, x):
-    """Per-BN mean and unbiased variance of each BN's input, from forward hooks on a train-mode copy."""
-    ref = copy.deepcopy(model).train()
-    stats = {}
-
-    def hook(name):
-        def fn(mod, inputs, out):
-            f = inputs[0].transpose(0, 1).flatten(1)
-            stats[name] = (f.mean(1), f.var(1, unbiased=True))
-        return fn
-
-    for n, m in ref.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.register_forward_hook(hook(n))
-    with torch.no_grad():
-        ref(x)
-    return stats
 
 
 def snapshot(model):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import normlab
+from conftest import input_batch_stats
 from normlab.cli import main
 from normlab.errors import UsageError
 
@@ -316,23 +317,14 @@ def test_zoo_model_evaluated_by_robustbench(model_dir, tmp_path):
 
 def test_bnrect_rectifies_a_zoo_model(model_dir):
     """BN rectification on a robustbench zoo model: every BN takes the adaptation batch's statistics."""
-    import copy
-
     bnrect = pytest.importorskip("normlab_bnrect")
     from robustbench.utils import load_model
 
     model = load_model(ZOO["name"], model_dir=str(model_dir), dataset="cifar10", threat_model="corruptions").eval()
     bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
-    # independently: each BN input's mean and unbiased variance in a train-mode copy (batch statistics flow on)
-    probe, seen = copy.deepcopy(model).train(), {}
-    for n, m in probe.named_modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.register_forward_hook(lambda mod, i, o, name=n: seen.__setitem__(
-                name, (i[0].mean((0, 2, 3)), i[0].transpose(0, 1).flatten(1).var(1))))
     x = torch.rand(32, 3, 32, 32) * 0.5
-    with torch.no_grad():
-        probe(x)
+    seen = input_batch_stats(model, x)  # independently, from hooks on a train-mode copy
     undo, used, skipped, n = bnrect.rectify(model, x, bnrect.Config())
     assert bns and n == 32 and len(used) == len(bns) and not skipped
     for name, m in bns.items():
