@@ -97,12 +97,18 @@ class RoutedNorm(nn.Module):
         except ValueError:
             raise KeyError(f"RoutedNorm keyed on {self.key!r} has routes {self.names}, not {name!r}") from None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def selected(self) -> nn.Module | None:
+        """The route the active context selects for the whole batch; None when it routes per sample."""
         sel = getattr(current(), self.key)
-        if sel is None:
-            return self.routes[0](x)
-        if not isinstance(sel, Routing):
-            return self.routes[self.index(sel)](x)
+        if isinstance(sel, Routing):
+            return None
+        return self.routes[0] if sel is None else self.routes[self.index(sel)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.selected()
+        if route is not None:
+            return route(x)
+        sel = getattr(current(), self.key)
         if sel.perm is not None:
             return self._per_sample(x[sel.perm], sel)[sel.inverse]
         return self._per_sample(x, sel)

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from normlab import hookimpl
-from normlab.context import Context, Routing, current
+from normlab.context import Context, current
 from normlab.errors import UsageError
 from normlab.layers import FiLM, NormAct, RoutedNorm, as_norm_act, iter_norms
 
@@ -237,12 +237,7 @@ class CondNormAct(NormAct):
 
     def _eval_bn(self) -> nn.BatchNorm2d | None:
         """The plain BN this forward runs through, if it normalises with running statistics; else None."""
-        norm = self.norm
-        if isinstance(norm, RoutedNorm):
-            sel = getattr(current(), norm.key)
-            if isinstance(sel, Routing):
-                return None
-            norm = norm.routes[0] if sel is None else norm.routes[norm.index(sel)]
+        norm = self.norm.selected() if isinstance(self.norm, RoutedNorm) else self.norm
         if type(norm) is not nn.BatchNorm2d or norm.training or not norm.track_running_stats:
             return None
         return norm
