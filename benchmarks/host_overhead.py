@@ -58,6 +58,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _paired import paired_ratio  # benchmarks/_paired.py, beside this script
+
 # Load only the plugin passed below, not whatever is installed (read when plugins are discovered).
 os.environ.setdefault("NORMLAB_LOAD_PLUGINS", "")
 
@@ -344,13 +346,9 @@ def main(argv=None) -> int:
         return 0
 
     p_med, n_med = statistics.median(p_times), statistics.median(n_times)
-    ratios = [n / p for p, n in zip(p_times, n_times)]
-    ratio = statistics.median(ratios)
+    ratio, spread = paired_ratio(n_times, p_times, t_start)
     if not args.quiet:
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio, ratio, ratio]
-        print(f"  {len(ratios)} paired values; ratio quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}; "
-              f"ratio of medians {n_med / p_med:.3f}; ratio of totals {sum(n_times) / sum(p_times):.3f}; "
-              f"wall {time.perf_counter() - t_start:.0f} s", flush=True)
+        print(f"  {spread}", flush=True)
     print(f"host_overhead: plain {p_med:.4f} s/step, normlab {n_med:.4f} s/step, ratio {ratio:.3f} "
           f"(target <= {TARGET:.2f})", flush=True)
     return 0

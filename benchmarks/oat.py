@@ -42,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 
+from _paired import paired_ratio  # benchmarks/_paired.py, beside this script
+
 os.environ["NORMLAB_LOAD_PLUGINS"] = "condition,pgd"  # only the two plugins compared
 
 import torch  # noqa: E402
@@ -269,13 +271,9 @@ def main(argv=None) -> int:
         return 0
 
     oat_t, pgd_t = times["oat"], times["pgd_at"]
-    ratios = [a / b for a, b in zip(oat_t, pgd_t)]
-    ratio = statistics.median(ratios)
+    ratio, spread = paired_ratio(oat_t, pgd_t, t_start)
     if not args.quiet:
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
-        print(f"  {len(ratios)} paired steps; ratio quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}; ratio of "
-              f"medians {statistics.median(oat_t) / statistics.median(pgd_t):.3f}; ratio of totals "
-              f"{sum(oat_t) / sum(pgd_t):.3f}; wall {time.perf_counter() - t_start:.0f} s", flush=True)
+        print(f"  {spread}", flush=True)
     print(f"oat: PGD-AT {statistics.median(pgd_t):.4f} s/step, OAT {statistics.median(oat_t):.4f} s/step, "
           f"ratio {ratio:.3f} (target <= {TARGET:.2f})", flush=True)
     return 0
