@@ -24,6 +24,15 @@
   computed here by quadrature); a final gamma-scaled activation closes the last
   stage (``layer4.act``).
 
+Pooling breaks the analytic variance rule: the stem's max-pool and the transitions' 2x2 average pools change
+the variance by amounts that depend on the spatial correlation of their input (an average pool divides white
+noise by 4, a smooth image by about 1). Unchecked, the variance of resnet18's blocks falls 0.83 -> 0.49 ->
+0.16 -> 0.06 from stage to stage on MNIST at 32x32 (timm's nf_resnet26: 3.9 -> 1.5 -> 0.53 -> 0.20). So
+``calibrate`` (default 64) training images set, in depth order, the gain of the stem's last conv and of
+each shortcut conv so that the stem's and every shortcut's output has unit average channel variance on
+them: the expected variance that ``beta`` assumes, data-dependent only at the pooling points (as LSUV, Mishkin
+and Matas 2016, does at every layer). ``calibrate: 0`` keeps timm's analytic initialisation alone.
+
 Backbones that are already normalizer-free (timm's ``nf_*`` and ``nfnet`` models)
 are kept. Anything else is a UsageError (exit 2).
 
@@ -82,6 +91,8 @@ class Config(BaseModel):
                             "auto: build where a counterpart exists, else convert")
     alpha: float = Field(0.2, gt=0, description="residual branch scale (convert mode; NF-ResNets use 0.2)")
     target: str | None = Field(None, description="timm NF model to build instead of the mapped counterpart")
+    calibrate: int = Field(64, ge=0, description="training images that set the stem and shortcut gains for unit "
+                                                    "variance after pooling (convert mode; 0: off)")
     agc: float | None = Field(None, gt=0, description="adaptive gradient clipping factor (null: off)")
     agc_eps: float = Field(1e-3, gt=0, description="AGC's floor on the parameter norm")
 
@@ -286,8 +297,11 @@ def norm_layers(model: nn.Module) -> list[str]:
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def convert_resnet(model: nn.Module, alpha: float = 0.2) -> nn.Module:
+def convert_resnet(model: nn.Module, alpha: float = 0.2, images: torch.Tensor | None = None) -> nn.Module:
     """Convert a timm ``ResNet`` in place into a normalizer-free pre-activation ResNet; returns it.
+
+    ``images`` (the backbone's normalised inputs), if given, calibrate the gains at the pooling points
+    (:func:`calibrate`).
 
     Raises TypeError for a part it does not know (then nothing useful is left:
     callers convert a model they own).
@@ -323,7 +337,68 @@ def convert_resnet(model: nn.Module, alpha: float = 0.2) -> nn.Module:
     left = norm_layers(model)
     if left:
         raise TypeError(f"normalization layers outside the stem and blocks: {', '.join(left[:3])}")
+    if images is not None:
+        calibrate(model, images)
     return model
+
+
+def channel_variance(t: torch.Tensor) -> torch.Tensor:
+    """The average over channels of each channel's variance over (N, H, W) (signal propagation plots' measure)."""
+    return t.detach().transpose(0, 1).flatten(1).var(1, unbiased=False).mean()
+
+
+def pooling_points(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(measured module, conv whose gain scales it), in depth order: the stem (its output is the input of
+    ``layer1``) and every shortcut of a converted ResNet."""
+    from timm.layers import ScaledStdConv2d
+
+    stem = [m for n, m in model.named_modules()
+            if isinstance(m, ScaledStdConv2d) and n.split(".")[0] in ("conv1", "maxpool")]
+    points = [(model.maxpool, stem[-1])]
+    for stage in STAGES:
+        for block in getattr(model, stage):
+            if isinstance(block, NFBlock) and block.downsample is not None:
+                convs = [m for m in block.downsample.modules() if isinstance(m, ScaledStdConv2d)]
+                points.append((block.downsample, convs[-1]))
+    return points
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, images: torch.Tensor) -> list[float]:
+    """Scale the gain of each pooling point's conv so its output has unit :func:`channel_variance` on
+    ``images``, one point after the other in depth order; returns the factors applied.
+
+    Each output is linear in its conv's gain (zero bias; max-pool is positively homogeneous).
+    """
+    factors = []
+    was_training = model.training
+    model.eval()
+    try:
+        for measured, conv in pooling_points(model):
+            seen = []
+            handle = measured.register_forward_hook(lambda m, i, o: seen.append(channel_variance(o)))
+            try:
+                model(images)
+            finally:
+                handle.remove()
+            factor = float(seen[0].clamp_min(1e-12).rsqrt())
+            conv.gain.mul_(factor)
+            factors.append(factor)
+    finally:
+        model.train(was_training)
+    return factors
+
+
+def calibration_images(run, n: int) -> torch.Tensor:
+    """``n`` training images drawn with the run's seed, normalised as the backbone sees them; the global RNG
+    is left as it was (a wrapped dataset may draw augmentations)."""
+    ds = run.data.train
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(run.config.seed))[:n].tolist()
+    with torch.random.fork_rng(devices=[]):
+        x = torch.stack([ds[i][0] for i in idx]).float()
+    mean = torch.tensor(run.data.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(run.data.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -403,12 +478,14 @@ def on_model(model, run):
                          f"{', '.join(sorted(COUNTERPARTS))}, regnetx_*/regnety_*)")
     if not isinstance(model, ResNet):
         raise UsageError(f"{src}: model.name: plugins.nf supports {SUPPORTED}; got {name!r}")
+    images = calibration_images(run, cfg.calibrate) if cfg.calibrate else None
     try:
-        convert_resnet(model, cfg.alpha)
+        convert_resnet(model, cfg.alpha, images)
     except TypeError as e:
         raise UsageError(f"{src}: model.name: plugins.nf cannot convert {name!r} ({e}); it supports {SUPPORTED}") \
             from None
-    run.log.info("nf: %s converted in place (alpha %g)", name, cfg.alpha)
+    run.log.info("nf: %s converted in place (alpha %g%s)", name, cfg.alpha,
+                 f", pooling gains calibrated on {len(images)} training images" if images is not None else "")
     _maybe_agc(model, run, cfg)
     return model
 
