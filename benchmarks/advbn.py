@@ -21,7 +21,10 @@ Before timing, both sides take one step from the same weights on the same
 batch and their losses are compared (they compute the same thing). Then the
 two sides alternate step by step in one process (the order flips every
 repetition), and the result line gives the median step time of each side and
-the median of the per-pair ratios advbn/naive (target <= 0.8).
+the median of the per-pair ratios advbn/naive (target <= 0.8). The FLOPs of one
+step of each side are printed first: their ratio is what the step-time ratio
+would be if every FLOP took the same time (the front's convolutions run at a
+lower rate than the tail's, so the measured ratio comes out below it).
 
 Usage::
 
@@ -155,6 +158,17 @@ class NaiveSide:
         return loss.item()
 
 
+def step_flops(side, x, y) -> int:
+    """Floating-point operations of one (untimed) training step of ``side``, forward and backward, as torch's
+    FlopCounterMode counts them (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        side.step(x, y)
+    return counter.get_total_flops()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -193,6 +207,12 @@ def main(argv=None) -> int:
     if not args.q:
         print(f"same first step: advbn loss {l_ours:.6f}, naive loss {l_naive:.6f} "
               f"(difference {abs(l_ours - l_naive):.2e})")
+
+    flops = {name: step_flops(side, *batches[0]) for name, side in (("advbn", ours), ("naive", naive))}
+    if not args.q:
+        print(f"FLOPs per step (torch.utils.flop_counter): advbn {flops['advbn'] / 1e9:.1f} G, naive "
+              f"{flops['naive'] / 1e9:.1f} G, ratio {flops['advbn'] / flops['naive']:.3f} (the ratio if every "
+              f"FLOP cost the same time)")
 
     times = {"advbn": [], "naive": []}
     sides = {"advbn": ours, "naive": naive}
