@@ -29,10 +29,10 @@ def blocks(model, kind=nf.NFBlock):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
 
 
-def block_output_variances(model, kind, x):
-    """Variance of each residual block's output on ``x``, by forward hooks."""
+def block_output_variances(model, x, kind=nf.NFBlock):
+    """Average channel variance of each residual block's output on ``x``, by forward hooks."""
     out = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, float(o.var())))
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, float(nf.channel_variance(o))))
                for n, m in blocks(model, kind)]
     with torch.no_grad():
         model(x)
@@ -145,19 +145,13 @@ def test_activation_variance_stays_of_order_one_through_depth():
         if ones:  # as after training: every branch contributes
             for _, b in blocks(model):
                 nn.init.ones_(b.last_conv.gain)
-        out = []
-        handles = [b.register_forward_hook(lambda m, i, o: out.append(float(nf.channel_variance(o))))
-                   for _, b in blocks(model)]
-        with torch.no_grad():
-            model(test_x)
-        for h in handles:
-            h.remove()
-        return out
+        return list(block_output_variances(model, test_x).values())
 
     for name in ("resnet18", "resnet50"):  # basic blocks; bottlenecks with a stride-1 shortcut in layer1
-        at_init = profile(built_run({"nf": {}}, name))
+        run = built_run({"nf": {}}, name)
+        at_init = profile(run)
         assert at_init == pytest.approx([1.0] * len(at_init), abs=0.1), (name, at_init)
-        trained = profile(built_run({"nf": {}}, name), ones=True)
+        trained = profile(run, ones=True)
         assert all(0.9 <= v <= 2.0 for v in trained), (name, trained)
         growth = [b / a for a, b in zip(trained, trained[1:])]
         assert all(0.8 <= g <= 1.25 for g in growth), (name, growth)  # block to block, transitions included
@@ -176,14 +170,14 @@ def test_calibration_scales_only_the_pooling_points_and_leaves_the_rng_alone():
     # the backbone's normalised inputs: the data's mean and std
     assert float(images.mean()) == pytest.approx(0.0, abs=0.15) and float(images.std()) == pytest.approx(1, abs=0.15)
     model = converted("resnet18")
-    before = {n: m.gain.clone() for n, m in model.named_modules() if isinstance(m, ScaledStdConv2d)}
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, ScaledStdConv2d)}
+    before = {m: m.gain.clone() for m in convs.values()}
     factors = nf.calibrate(model, images)
-    scaled = {n for n, m in model.named_modules() if isinstance(m, ScaledStdConv2d) and not torch.equal(m.gain,
-                                                                                                   before[n])}
+    scaled = {n for n, m in convs.items() if not torch.equal(m.gain, before[m])}
     assert scaled == {"conv1", "layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1"}
     assert len(factors) == 4 and all(f > 1 for f in factors[1:])  # the average pools had lost variance
     for (measured, conv), f in zip(nf.pooling_points(model), factors):
-        assert torch.allclose(conv.gain, before[next(n for n, m in model.named_modules() if m is conv)] * f)
+        assert torch.allclose(conv.gain, before[conv] * f)
 
 
 def test_agc_hook_equals_timms_adaptive_clip_grad():

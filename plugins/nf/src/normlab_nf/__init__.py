@@ -55,6 +55,7 @@ from torch import nn
 
 from normlab import hookimpl
 from normlab.errors import UsageError
+from normlab.model import Normalize
 
 requires = ()
 conflicts = ("bnrect", "condition", "advbn", "slim")
@@ -396,9 +397,7 @@ def calibration_images(run, n: int) -> torch.Tensor:
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(run.config.seed))[:n].tolist()
     with torch.random.fork_rng(devices=[]):
         x = torch.stack([ds[i][0] for i in idx]).float()
-    mean = torch.tensor(run.data.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(run.data.std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return Normalize(run.data.mean, run.data.std)(x)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
