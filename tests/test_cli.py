@@ -1,6 +1,7 @@
 """Bad input exits 2 with one line naming the file, key and expectation, and writes nothing."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -53,6 +54,53 @@ def test_bad_run_file_exits_2_with_one_line_and_no_run_dir(case, tmp_path, write
     assert re.search(pattern, lines[0]), lines[0]
     assert not out_dir.exists()
     assert "Traceback" not in err
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(7))
+HOSTILE = {  # bytes of a run file -> the one line expected (issue 16: bad input that crashed or was accepted)
+    "not utf-8": (b"seed: 0\nmodel: {name: \xff\xfe}\n", r"run.yaml: not UTF-8 text \(byte 0xff on line 2\)"),
+    "nested in a mapping": (b"seed: " + b"{a: " * 3000 + b"1" + b"}" * 3000, r"invalid YAML: nested deeper than 64"),
+    "nested in a list": (b"evaluate: {sweep: {knob: lam, values: " + b"[" * 5000 + b"]" * 5000 + b"}}",
+                         r"invalid YAML: nested deeper than 64 levels at line 1"),
+    "alias bomb in a sweep's values": ((BOMB + "evaluate: {sweep: {knob: lam, values: *h}}\n").encode(),
+                                       r"run.yaml: more than 100000 values once YAML aliases are expanded"),
+    "duplicate top key": (b"seed: 0\ntrain: {epochs: 1}\nseed: 1\n", r"run.yaml: invalid YAML.*duplicate key 'seed' at line 3"),
+    "duplicate nested key": (b"train: {lr: 0.1, lr: 0.2}", r"duplicate key 'lr' at line 1"),
+    "plugin named twice in a mapping": (b"plugins:\n  noise: {}\n  noise: {sigma: 0.2}\n", r"duplicate key 'noise' at line 3"),
+    "plugin named twice in a list": (b"plugins: [noise, noise]", r"run.yaml: plugins: .*'noise' is named twice"),
+    "evaluator named twice in a list": (b"evaluate: [clean, clean]", r"run.yaml: evaluate: .*'clean' is named twice"),
+    "empty": (b"", r"run.yaml: the run file is empty; it needs at least one setting"),
+    "comments only": (b"# a run file\n\n# nothing here\n", r"run.yaml: the run file is empty"),
+    "too large": (b"seed: 0\n" + b"# padding\n" * 120_000, r"run.yaml: larger than 1048576 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_run_file_exits_2_with_one_short_line_and_no_run_dir(case, tmp_path, capsys):
+    data, pattern = HOSTILE[case]
+    path = tmp_path / "run.yaml"
+    path.write_bytes(data)
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "out"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert len(lines[0]) < 300 + len(str(path)) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("item, pattern", [
+    ("evaluate.sweep.values=" + "[" * 5000 + "]" * 5000, r"--set evaluate\.sweep\.values=\[\[\[.*\.\.\.: invalid YAML: nested deeper than 64"),
+    ("evaluate.sweep.values={" + BOMB.strip().replace("\n", ", ") + "}", r"--set evaluate\.sweep\.values=.*: more than 100000 values"),
+    ("seed=" + "x" * 100_000, r"run\.yaml: seed: Input should be a valid integer.*\(got 'xxxx.*\.\.\.\)$"),
+])
+def test_hostile_set_values_exit_2_with_one_short_line(item, pattern, tmp_path, write_yaml, capsys):
+    path = write_yaml("seed: 0")
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "o", "--set", item], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert len(lines[0]) < 400, lines[0][:400]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_yaml_python_tag_is_not_executed(tmp_path, write_yaml, capsys):

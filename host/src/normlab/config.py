@@ -112,14 +112,10 @@ class RunConfig(Strict):
     evaluate: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"clean": {}}, description="evaluator name -> its settings")
 
-    @model_validator(mode="before")
+    @field_validator("plugins", "evaluate", mode="before")
     @classmethod
-    def _normalise(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            for key in ("plugins", "evaluate"):
-                data[key] = _as_mapping(data.get(key, {} if key == "plugins" else {"clean": {}}))
-        return data
+    def _normalise(cls, value: Any) -> Any:
+        return _as_mapping(value)
 
 
 def _as_mapping(v: Any) -> Any:
@@ -127,6 +123,9 @@ def _as_mapping(v: Any) -> Any:
     if v is None:
         return {}
     if isinstance(v, list) and all(isinstance(n, str) for n in v):
+        twice = next((n for i, n in enumerate(v) if n in v[:i]), None)
+        if twice is not None:
+            raise ValueError(f"{twice!r} is named twice; each may appear once")
         return {n: {} for n in v}
     if isinstance(v, dict):
         return {k: ({} if s is None else s) for k, s in v.items()}
@@ -141,20 +140,114 @@ def _key_hint(key: Any, model: Any) -> str:
     return did_you_mean(str(key), list(model.model_fields))
 
 
-def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping with ``yaml.safe_load``; any problem is a UsageError naming the file."""
-    source = str(path)
-    if not path.is_file():
-        raise UsageError(f"{source}: no such run file")
+MAX_YAML_BYTES = 1 << 20  # a run file is settings, not data
+MAX_YAML_DEPTH = 64  # mappings and lists nested deeper than this are refused
+MAX_YAML_NODES = 100_000  # nodes after aliases are expanded (a "billion laughs" document is refused)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and documents nested or aliased past the bounds.
+
+    Depth is checked while composing, before anything recurses into the document; the expanded size
+    (each alias counted as a full copy of its anchor's node) is computed on the composed node graph,
+    memoised per node, so an alias bomb is refused without being expanded.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels at line {mark.line + 1}")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.YAMLError(f"duplicate key {_short(key)} at line {key_node.start_mark.line + 1}")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict) -> int:
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a cycle (a recursive alias) counts as too big
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(v, memo) for v in node.value)
+    memo[id(node)] = size = min(size, MAX_YAML_NODES + 1)
+    return size
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters, for error lines."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error lines."""
+    return _cut(repr(value), limit)
+
+
+def safe_yaml(text: str | bytes, where: str) -> Any:
+    """Parse one YAML document with ``yaml.safe_load`` semantics, within bounds.
+
+    Bytes must be UTF-8; more than :data:`MAX_YAML_BYTES`, nesting deeper than :data:`MAX_YAML_DEPTH`,
+    more than :data:`MAX_YAML_NODES` nodes once aliases are expanded, and duplicate mapping keys are
+    refused. Every problem is a :class:`UsageError` of one line starting with ``where``.
+    """
+    if isinstance(text, bytes):
+        if len(text) > MAX_YAML_BYTES:
+            raise UsageError(f"{where}: larger than {MAX_YAML_BYTES} bytes; a run file holds settings only")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = text[:e.start].count(b"\n") + 1
+            raise UsageError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} on line {line})") from None
+    if len(text) > MAX_YAML_BYTES:
+        raise UsageError(f"{where}: larger than {MAX_YAML_BYTES} bytes; a run file holds settings only")
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise UsageError(f"{where}: more than {MAX_YAML_NODES} values once YAML aliases are expanded")
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UsageError(f"{source}: invalid YAML{at}: {problem}") from None
+        raise UsageError(f"{where}: invalid YAML{at}: {problem}") from None
+    except RecursionError:  # a defence in depth: the depth bound should have caught it
+        raise UsageError(f"{where}: invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a run file's YAML mapping with :func:`safe_yaml`; any problem is a UsageError naming the file."""
+    source = str(path)
+    if not path.is_file():
+        raise UsageError(f"{source}: no such run file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_YAML_BYTES + 1)
+    data = safe_yaml(raw, source)
     if data is None:
-        data = {}
+        raise UsageError(f"{source}: the run file is empty; it needs at least one setting, "
+                         "for example 'model: {name: resnet18}' (see the README's run-file reference)")
     if not isinstance(data, dict):
         raise UsageError(f"{source}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data
@@ -165,15 +258,12 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise UsageError(f"--set {item}: expected dotted.key=value")
+            raise UsageError(f"--set {_cut(item)}: expected dotted.key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise UsageError(f"--set {item}: the value is not valid YAML") from None
+        value = safe_yaml(raw, f"--set {_cut(item)}")
         parts = key.strip().split(".")
         if not all(parts):
-            raise UsageError(f"--set {item}: empty key segment in {key!r}")
+            raise UsageError(f"--set {_cut(item)}: empty key segment in {_short(key)}")
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -182,7 +272,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise UsageError(f"--set {item}: {'.'.join(parts[:i + 1])} is not a mapping")
+                raise UsageError(f"--set {_cut(item)}: {'.'.join(parts[:i + 1])} is not a mapping")
             node[part] = child
             node = child
         node[parts[-1]] = value
@@ -205,7 +295,7 @@ def format_validation_error(source: str, err: ValidationError, prefix: str = "",
         owner = _owner(model or RunConfig, e["loc"][:-1])
         return f"{source}: {loc}: unknown key" + _key_hint(e["loc"][-1], owner)
     got = e.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {_short(got)})"
     return f"{source}: {loc or '(top level)'}: {e['msg']}{shown}"
 
 
