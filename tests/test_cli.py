@@ -37,6 +37,14 @@ BAD = {
     "missing checkpoint": ("model: {checkpoint: /nonexistent/w.safetensors}", r"run.yaml: model.checkpoint: no such file"),
     "bad trainable prefix": ("model: {trainable: [layer9]}", r"run.yaml: model.trainable: no parameter name starts with 'layer9'"),
     "not a mapping": ("- 1\n- 2", r"run.yaml: expected a mapping of settings at the top level"),
+    # values that validated but could not run (issue 16): refused before anything is built
+    "non-finite lr": ("train: {lr: .nan}", r"run.yaml: train.lr: Input should be a finite number"),
+    "infinite weight decay": ("train: {weight_decay: .inf}", r"run.yaml: train.weight_decay: Input should be a finite number"),
+    "absurd epochs": ("train: {epochs: 1000000000}", r"run.yaml: train.epochs: Input should be less than or equal to 100000"),
+    "seed beyond numpy": ("seed: 4294967296", r"run.yaml: seed: Input should be less than or equal to 4294967295"),
+    "zero std": ("data: {std: [0.3, 0, 0.3]}", r"run.yaml: data.std: every channel's std must be greater than 0 \(got \[0.3, 0.0, 0.3\]\)"),
+    "n_train below batch_size": ("data: {n_train: 32, batch_size: 128}",
+                                 r"run.yaml: \(top level\): data.n_train \(32\) is smaller than data.batch_size \(128\)"),
 }
 
 

@@ -28,7 +28,7 @@ __all__ = [
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RobustbenchModel(Strict):
@@ -82,9 +82,17 @@ class DataConfig(Strict):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise PydanticCustomError("std_positive", "every channel's std must be greater than 0 (got {got})",
+                                      {"got": list(v)})
+        return v
+
 
 class TrainConfig(Strict):
-    epochs: int = Field(3, ge=0)
+    epochs: int = Field(3, ge=0, le=100_000)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -103,7 +111,7 @@ class TrainConfig(Strict):
 
 
 class RunConfig(Strict):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seeds stop at 2**32 - 1")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -111,6 +119,14 @@ class RunConfig(Strict):
         default_factory=dict, description="plugin name -> its settings, in call order (a list of names works too)")
     evaluate: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"clean": {}}, description="evaluator name -> its settings")
+
+    @model_validator(mode="after")
+    def _one_batch_at_least(self) -> "RunConfig":
+        d = self.data
+        if self.train.epochs and d.n_train is not None and d.n_train < d.batch_size:
+            raise ValueError(f"data.n_train ({d.n_train}) is smaller than data.batch_size ({d.batch_size}): an "
+                             "epoch would have no full batch; lower data.batch_size or raise data.n_train")
+        return self
 
     @field_validator("plugins", "evaluate", mode="before")
     @classmethod
@@ -296,7 +312,8 @@ def format_validation_error(source: str, err: ValidationError, prefix: str = "",
         return f"{source}: {loc}: unknown key" + _key_hint(e["loc"][-1], owner)
     got = e.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {_short(got)})"
-    return f"{source}: {loc or '(top level)'}: {e['msg']}{shown}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc or '(top level)'}: {msg}{shown}"
 
 
 def _owner(model: Any, loc: tuple) -> Any:
