@@ -112,10 +112,11 @@ def test_every_hook_fires_in_order(tiny_config, tmp_path):
     assert calls.count("on_batch") == steps
     assert [c for c in calls if c[0] == "on_loss"] == [("on_loss", ("ce",))] * steps
     feats = [c for c in calls if c[0] == "on_feature"]
-    assert feats[0] == ("on_feature", "layer1", (64, 64, 8, 8))
+    side = tiny_config["data"]["image_size"] // 4  # resnet18's layer1 is at stride 4
+    assert feats[0] == ("on_feature", "layer1", (64, 64, side, side))
     i_dom = calls.index(("on_domain", "clean", 200))
     # the clean evaluation (one batch of 200, features included) runs between adaptation and restore
-    assert calls[i_dom + 1] == ("on_feature", "layer1", (200, 64, 8, 8))
+    assert calls[i_dom + 1] == ("on_feature", "layer1", (200, 64, side, side))
     assert calls[i_dom + 2] == ("restore", "clean") and calls[-1] == "on_eval"
     assert res.metrics["recorder/seen"] == 1.0
 
