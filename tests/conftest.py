@@ -33,6 +33,27 @@ def tiny_config():
     }
 
 
+SMALL_TRAINED = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64}, "train": {"epochs": 2, "lr": 0.05},
+                 "evaluate": {"clean": {"n_examples": 200}}}
+
+
+@pytest.fixture(scope="session")
+def small_trained(tmp_path_factory):
+    """resnet18 trained 2 epochs on 1,024 digits (SMALL_TRAINED), shared by the tests that need a model that
+    learned something. Read-only: a test that evaluates into a run directory copies it first
+    (:func:`copy_run`)."""
+    import normlab
+
+    return normlab.run(SMALL_TRAINED, out=tmp_path_factory.mktemp("small_trained") / "run", quiet=True)
+
+
+def copy_run(result, dest):
+    """A copy of a run directory to evaluate into, leaving the shared one as it was."""
+    import shutil
+
+    return Path(shutil.copytree(result.dir, dest))
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     import yaml

@@ -7,7 +7,7 @@ from torch import nn
 
 import normlab
 import normlab_bnrect as bnrect
-from conftest import input_batch_stats
+from conftest import copy_run, input_batch_stats
 from normlab.context import Context
 from normlab.layers import RoutedNorm, as_norm_act, map_norms
 from normlab.model import NormlabNet
@@ -157,11 +157,10 @@ def test_registry_declares_the_nf_conflict():
         resolve(["nf", "bnrect"], {"bnrect": spec, "nf": PluginSpec("nf")})
 
 
-def test_end_to_end_acc_and_acc_star_on_style_domains(tmp_path):
-    cfg = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64}, "train": {"epochs": 2, "lr": 0.05},
-           "evaluate": {"clean": {"n_examples": 300}, "style": {"n_examples": 300}}}
-    base = normlab.run(cfg, out=tmp_path / "run", quiet=True)
-    again = normlab.evaluate(base.dir, overrides=["plugins.bnrect={n_samples: 32}"], name="bnrect", quiet=True)
+def test_end_to_end_acc_and_acc_star_on_style_domains(small_trained, tmp_path):
+    domains = "evaluate={clean: {n_examples: 300}, style: {n_examples: 300}}"
+    base = normlab.evaluate(copy_run(small_trained, tmp_path / "run"), overrides=[domains], quiet=True)
+    again = normlab.evaluate(base.dir, overrides=[domains, "plugins.bnrect={n_samples: 32}"], name="bnrect", quiet=True)
     import json
 
     results = json.loads((base.dir / "results.json").read_text())

@@ -9,14 +9,17 @@ import normlab
 from normlab.cli import compare_table, main
 from normlab.evals.divergence import ChannelStats, symmetric_kl
 from normlab.evals.style import color, invert, texture
+from conftest import copy_run
 from plugins_for_tests import FlipAtHighLam
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64}, "train": {"epochs": 2, "lr": 0.05},
-           "evaluate": {"clean": {"n_examples": 200}}}
-    return normlab.run(cfg, out=tmp_path_factory.mktemp("style") / "run", quiet=True)
+def trained(small_trained, tmp_path_factory):
+    """The shared small model, copied: these tests evaluate into its run directory."""
+    import types
+
+    return types.SimpleNamespace(dir=copy_run(small_trained, tmp_path_factory.mktemp("style") / "run"),
+                                 metrics=small_trained.metrics)
 
 
 def digits(n=16):
@@ -105,7 +108,7 @@ def test_sweep_of_an_undeclared_knob_is_refused_before_training(tmp_path, write_
     assert not (tmp_path / "o").exists()
     path = write_yaml({"evaluate": {"sweep": {"knob": "depth", "values": [0]}}})
     assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
-    assert "evaluate.sweep: Value error, knob must be one of" in capsys.readouterr().err
+    assert "evaluate.sweep: knob must be one of" in capsys.readouterr().err
 
 
 def test_sweep_over_plugin_settings_equals_separate_evaluations(trained):
