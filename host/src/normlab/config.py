@@ -139,10 +139,12 @@ def _as_mapping(v: Any) -> Any:
     if v is None:
         return {}
     if isinstance(v, list) and all(isinstance(n, str) for n in v):
-        twice = next((n for i, n in enumerate(v) if n in v[:i]), None)
-        if twice is not None:
-            raise ValueError(f"{twice!r} is named twice; each may appear once")
-        return {n: {} for n in v}
+        out: dict[str, dict] = {}
+        for n in v:
+            if n in out:
+                raise ValueError(f"{n!r} is named twice; each may appear once")
+            out[n] = {}
+        return out
     if isinstance(v, dict):
         return {k: ({} if s is None else s) for k, s in v.items()}
     return v
@@ -224,16 +226,14 @@ def safe_yaml(text: str | bytes, where: str) -> Any:
     more than :data:`MAX_YAML_NODES` nodes once aliases are expanded, and duplicate mapping keys are
     refused. Every problem is a :class:`UsageError` of one line starting with ``where``.
     """
+    if len(text) > MAX_YAML_BYTES:
+        raise UsageError(f"{where}: larger than {MAX_YAML_BYTES} bytes; a run file holds settings only")
     if isinstance(text, bytes):
-        if len(text) > MAX_YAML_BYTES:
-            raise UsageError(f"{where}: larger than {MAX_YAML_BYTES} bytes; a run file holds settings only")
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             line = text[:e.start].count(b"\n") + 1
             raise UsageError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} on line {line})") from None
-    if len(text) > MAX_YAML_BYTES:
-        raise UsageError(f"{where}: larger than {MAX_YAML_BYTES} bytes; a run file holds settings only")
     loader = _BoundedLoader(text)
     try:
         node = loader.get_single_node()
@@ -247,7 +247,7 @@ def safe_yaml(text: str | bytes, where: str) -> Any:
         at = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UsageError(f"{where}: invalid YAML{at}: {problem}") from None
-    except RecursionError:  # a defence in depth: the depth bound should have caught it
+    except RecursionError:  # aliases can chain anchors, each within the depth bound, into a deeper graph
         raise UsageError(f"{where}: invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
@@ -273,13 +273,14 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw run-file mapping."""
     data = copy.deepcopy(data)
     for item in overrides:
+        label = f"--set {_cut(item)}"
         if "=" not in item:
-            raise UsageError(f"--set {_cut(item)}: expected dotted.key=value")
+            raise UsageError(f"{label}: expected dotted.key=value")
         key, raw = item.split("=", 1)
-        value = safe_yaml(raw, f"--set {_cut(item)}")
+        value = safe_yaml(raw, label)
         parts = key.strip().split(".")
         if not all(parts):
-            raise UsageError(f"--set {_cut(item)}: empty key segment in {_short(key)}")
+            raise UsageError(f"{label}: empty key segment in {_short(key)}")
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -288,7 +289,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise UsageError(f"--set {_cut(item)}: {'.'.join(parts[:i + 1])} is not a mapping")
+                raise UsageError(f"{label}: {'.'.join(parts[:i + 1])} is not a mapping")
             node[part] = child
             node = child
         node[parts[-1]] = value

