@@ -252,7 +252,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     recorder = Recorder()
     config = {
-        "seed": 0, "model": {"name": "resnet18"},
+        "seed": 0, "model": {"name": "resnet18"}, "adapt_samples": 32,
         "data": {"name": "mnist", "batch_size": 64, "n_train": 512},
         "train": {"epochs": 1, "lr": 0.05},
         "plugins": {"recorder": {}},
@@ -303,7 +303,8 @@ def test_each_domain_is_adapted_once_with_unlabeled_samples_and_restored(trained
         for s in (1, 3, 5):
             expected += [("on_domain", f"corruptions/{name}/{s}", 32), ("restore", f"corruptions/{name}/{s}")]
     assert corr == expected
-    assert calls.count(("on_domain", "clean", 32)) == 1  # the corruptions evaluator's clean reference
+    # the epoch's validation, the clean evaluator and the corruptions evaluator's clean reference
+    assert calls.count(("on_domain", "clean", 32)) == 3
 
 
 def test_heat_map_is_written(trained):

@@ -112,6 +112,10 @@ class TrainConfig(Strict):
 
 class RunConfig(Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seeds stop at 2**32 - 1")
+    adapt_samples: int = Field(
+        128, ge=1, le=100_000,
+        description="unlabeled samples each test domain offers to on_domain (test-time adaptation): the first "
+                    "adapt_samples of the domain's fixed random order, the same whatever n_examples and batch size")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import UsageError
 
-__all__ = ["Batch", "DataBundle", "build_data", "embedded_mnist", "EpochSampler"]
+__all__ = ["Batch", "DataBundle", "build_data", "embedded_mnist", "EpochSampler", "fixed_order", "take"]
 
 # per-dataset input statistics used by the model's Normalize layer
 STATS = {
@@ -136,6 +136,29 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def fixed_order(n: int) -> torch.Tensor:
+    """The fixed random order of a test domain's ``n`` images: ``torch.randperm(n)`` seeded 0.
+
+    Evaluation iterates the test split in this order; ``n_examples: m`` evaluates its first m;
+    the corruption cache stores its rows in it; and each domain's test-time adaptation samples
+    are its first ``adapt_samples`` (:meth:`normlab.runner.Run.domain_samples`). A prefix of a random
+    order is a uniform random draw, so every subset covers the classes as a random draw does
+    (the embedded split is stored sorted by class: its first rows are all one digit).
+    """
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
+
+
+def take(images: Any, positions: torch.Tensor) -> torch.Tensor:
+    """The images at ``positions`` of a tensor, an array or a Dataset yielding ``(x, ...)``, as one tensor."""
+    if isinstance(images, torch.Tensor):
+        return images[positions]
+    if isinstance(images, np.ndarray):
+        return torch.from_numpy(np.stack([images[int(i)] for i in positions]))
+    if hasattr(images, "__getitems__"):
+        return images.__getitems__(positions.tolist())[0]
+    return torch.stack([images[int(i)][0] for i in positions])
+
+
 @dataclasses.dataclass
 class DataBundle:
     """The datasets of a run and how to iterate them."""
@@ -154,10 +177,10 @@ class DataBundle:
         ds = self.train if split == "train" else self.test
         if split == "train":
             num_workers = max(num_workers, self.train_workers)
-        if n is not None and n < len(ds):
-            # a fixed draw (not the first n: the embedded split is sorted by class)
-            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
-            ds = torch.utils.data.Subset(ds, keep.tolist())  # Subset forwards __getitems__
+        if split != "train" or (n is not None and n < len(ds)):
+            # the test split in its fixed random order, the first n of it with n given (never the
+            # first n in file order: the embedded split is sorted by class)
+            ds = torch.utils.data.Subset(ds, fixed_order(len(ds))[:n].tolist())  # Subset forwards __getitems__
         shuffle = split == "train" if shuffle is None else shuffle
         fast = hasattr(ds, "__getitems__") and isinstance(getattr(ds, "dataset", ds), TensorImages)
         return DataLoader(

@@ -142,7 +142,9 @@ def on_domain(model, domain, samples, ctx):
 
     :param model: the full model, in eval mode.
     :param domain: the domain's name (``clean``, ``corruptions/fog/3``, ``style/invert``).
-    :param samples: a tensor of unlabeled inputs from that domain (N, C, H, W in [0, 1]).
+    :param samples: a tensor of unlabeled inputs from that domain (N, C, H, W in [0, 1]): the
+        first ``adapt_samples`` of the domain's fixed random order (a uniform draw over all its
+        classes, the same whatever ``n_examples`` and batch size; a prefix of it is also one).
     :param ctx: the evaluation :class:`~normlab.context.Context`.
     :return: a zero-argument callable that undoes the adaptation exactly, or None
         if nothing was changed. The host calls every returned callable, in

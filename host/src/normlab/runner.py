@@ -26,7 +26,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
 from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
 from .context import Context
-from .data import DataBundle, build_data
+from .data import DataBundle, build_data, fixed_order, take
 from .errors import UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .manager import Hooks, PluginInfo, discover, inspect_plugin
@@ -92,12 +92,40 @@ class Run:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    @property
+    def adapts(self) -> bool:
+        """Whether a plugin adapts to test domains (implements ``on_domain``): evaluators that would
+        load or generate images only to adapt on them skip that work otherwise."""
+        return bool(self.hooks.implemented("on_domain"))
+
+    def domain_samples(self, images: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A test domain's adaptation samples and their positions in ``images`` (default: the test split).
+
+        ``images`` is the whole domain in dataset order (a Dataset yielding ``(x, ...)``, a tensor or
+        an array); the samples are the images at the first ``adapt_samples`` positions of its fixed
+        random order (:func:`normlab.data.fixed_order`): a seeded uniform draw over every class,
+        the same whatever ``n_examples`` and batch size. Evaluators whose domain is stored in that
+        order already (the corruption cache) take its first rows instead.
+        """
+        images = self.data.test if images is None else images
+        positions = fixed_order(len(images))[: self.config.adapt_samples]
+        return take(images, positions), positions
+
     @contextlib.contextmanager
-    def domain(self, name: str, samples: torch.Tensor, ctx: Context | None = None) -> Iterator[None]:
-        """Adapt the model to test domain ``name`` (``on_domain``) for the block, then undo it."""
+    def domain(self, name: str, samples: torch.Tensor, ctx: Context | None = None,
+               positions: torch.Tensor | Sequence[int] | None = None) -> Iterator[None]:
+        """Adapt the model to test domain ``name`` (``on_domain``) for the block, then undo it.
+
+        ``samples`` are the domain's unlabeled adaptation images (see :meth:`domain_samples`);
+        ``positions``, their indices in the domain, are recorded in results.json
+        (``records.adaptation``) when a plugin adapts.
+        """
         ctx = ctx or Context(run=self)
         restores = []
-        if self.hooks.implemented("on_domain"):
+        if self.adapts:
+            if positions is not None:
+                seen = self.state.setdefault("adaptation", {})
+                seen[name] = [int(i) for i in positions]
             with ctx.active():  # plugin forwards during adaptation read the evaluation context
                 restores = self.hooks.call("on_domain", model=self.model, domain=name,
                                            samples=self.to_device(samples), ctx=ctx)
@@ -331,6 +359,11 @@ def _evaluate(r: Run, timing: dict, name: str | None = None) -> Report:
     r.model.eval()
     report = Report()
     r.hooks.call("on_eval", model=r.model, ctx=Context(run=r), report=report)
+    adapted = r.state.pop("adaptation", None)
+    if adapted:
+        report.records["adaptation"] = {
+            "rule": "each domain's first adapt_samples images in its fixed random order (torch.randperm seeded 0)",
+            "adapt_samples": r.config.adapt_samples, "positions": adapted}
     timing[f"{name}/eval" if name else "eval"] = time.perf_counter() - t0
     if name:
         report.metrics = {f"{name}/{k}": v for k, v in report.metrics.items()}

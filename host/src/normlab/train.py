@@ -118,14 +118,15 @@ def evaluate_accuracy(run, loader, desc: str = "eval", ctx: Context | None = Non
 
 
 def domain_accuracy(run, loader, domain: str = "clean", ctx: Context | None = None) -> tuple[float, float | None]:
-    """:func:`evaluate_accuracy` inside ``run.domain(domain, ...)``, the first batch's images as its samples.
+    """:func:`evaluate_accuracy` of a test-split loader inside ``run.domain(domain, ...)``.
 
-    The clean evaluator and the per-epoch validation both use it, so plugins' test-time
-    settings (a lambda knob, a BN route) apply to validation as to evaluation.
+    The adaptation samples are the test split's (:meth:`~normlab.runner.Run.domain_samples`). The
+    clean evaluator and the per-epoch validation both use it, so plugins' test-time settings (a
+    lambda knob, a BN route) apply to validation as to evaluation.
     """
     ctx = ctx or Context(run=run)
-    samples = next(iter(loader))[0]
-    with run.domain(domain, samples, ctx):
+    samples, positions = run.domain_samples()
+    with run.domain(domain, samples, ctx, positions):
         return evaluate_accuracy(run, loader, desc=domain, ctx=ctx)
 
 

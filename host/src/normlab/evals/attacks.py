@@ -272,8 +272,8 @@ def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: s
     # the forked RNG covers the loader too: iterating a DataLoader draws from torch's global RNG
     with seeded(run.device, _seed(run, cfg)), attack_mode(model), ctx.active():
         loader = test_loader(run, cfg)
-        samples = next(iter(loader))[0]
-        with run.domain("clean", samples, ctx):
+        samples, positions = run.domain_samples()
+        with run.domain("clean", samples, ctx, positions):
             before = _buffers(model)
             attack = build()
             for x, y in tqdm(loader, desc=name, leave=False, disable=run.quiet):

@@ -60,8 +60,12 @@ holds the enlarged images) and every image goes back to the run's
 ``data.image_size`` at evaluation, as the clean test images do.
 
 Evaluation runs per corruption and severity inside
-``run.domain("corruptions/NAME/SEVERITY", first batch)`` (so ``on_domain``
-plugins such as BN rectification adapt to each domain and are undone after) and
+``run.domain("corruptions/NAME/SEVERITY", samples)`` (so ``on_domain``
+plugins such as BN rectification adapt to each domain and are undone after;
+the samples are the cache's first ``adapt_samples`` rows, that is the first of
+the fixed random order, generated even when ``n_examples`` is smaller; for the
+released sets, the test split's fixed draw as for the clean domain, or the
+first of robustbench's ImageNet list, itself a fixed random draw) and
 the clean reference inside ``run.domain("clean", ...)``, through
 :func:`normlab.train.evaluate_accuracy` (eval mode, the context active, bf16
 autocast on CUDA). Images come from the memory-mapped ``.npy`` files in chunks of
@@ -106,6 +110,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from ..data import fixed_order
 from ..errors import UsageError
 from ..train import evaluate_accuracy
 from . import EvalSettings, Evaluator
@@ -321,7 +326,7 @@ class CorruptionCache:
                 p.unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         n = self.source.n
-        index = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy().astype(np.int64)
+        index = fixed_order(n).numpy().astype(np.int64)
         _save_npy_atomic(self.root / "index.npy", index)
         labels = self.source.labels()[index]
         dtype = np.uint8 if self.source.num_classes <= 256 else np.int64
@@ -495,10 +500,11 @@ class _Batches:
                 yield self._convert(x[i: i + self.bs]), labels[a + i: a + i + self.bs]
 
 
-def _accuracy(run, ctx, domain: str, images, labels, batch_size: int, desc: str) -> float:
-    batches = _Batches(run, images, labels, batch_size)
-    with run.domain(domain, batches.first(), ctx):
-        top1, _ = evaluate_accuracy(run, batches, desc=desc, ctx=ctx)
+def _accuracy(run, ctx, domain: str, images, labels, batch_size: int, desc: str, adapt) -> float:
+    """Accuracy on ``images`` inside ``run.domain``, ``adapt = (images, positions)`` its adaptation samples."""
+    samples = _Batches(run, adapt[0], np.zeros(len(adapt[0])), len(adapt[0])).first()
+    with run.domain(domain, samples, ctx, adapt[1]):
+        top1, _ = evaluate_accuracy(run, _Batches(run, images, labels, batch_size), desc=desc, ctx=ctx)
     return top1
 
 
@@ -509,13 +515,17 @@ class _Generated:
         root = Path(cfg.cache_dir or _default_cache()).expanduser() / key
         self.cache = CorruptionCache(root, folder, _SplitImages(data), dataset=key)
         self.n = min(cfg.n_examples or self.cache.source.n, self.cache.source.n)
-        self.cache.ensure(cfg.corruptions, self.n, cfg.workers, quiet=run.quiet)
+        # rows are in the fixed order: the first adapt_samples rows are every domain's adaptation samples
+        self.k = min(run.config.adapt_samples, self.cache.source.n if run.adapts else self.n)
+        self.cache.ensure(cfg.corruptions, max(self.n, self.k), cfg.workers, quiet=run.quiet)
+        self.positions = torch.from_numpy(np.load(self.cache.root / "index.npy")[: self.k])
 
     def clean(self):
-        return self.cache.clean(self.n)
+        """(images, labels) evaluated, and (images, positions) to adapt on, of the clean domain."""
+        return *self.cache.clean(self.n), (self.cache.clean(self.k)[0], self.positions)
 
     def get(self, name: str, severity: int):
-        return self.cache.get(name, severity, self.n)
+        return *self.cache.get(name, severity, self.n), (self.cache.get(name, severity, self.k)[0], self.positions)
 
 
 #: the released sets robustbench loads, by the run's data name
@@ -556,10 +566,20 @@ class _Robustbench:
         if cfg.n_examples and cfg.n_examples > self.n:
             log.info("corruptions: robustbench's %s loader reads at most %d images; using %d",
                      _RB_FOLDERS[name], cap, self.n)
-        self.index = self._imagenet_index() if name == "imagefolder" else list(range(self.n))
+        if name == "imagefolder":
+            # robustbench's list is itself a fixed random draw: adapt on its first adapt_samples images
+            self.k = min(run.config.adapt_samples, cap, len(run.data.test) if run.adapts else self.n)
+            self.index = self._imagenet_index(max(self.n, self.k))
+            self.adapt_rows = torch.arange(self.k)
+        else:  # row i of a released file is test image i: adapt on the test split's fixed draw
+            self.index = list(range(self.n))
+            self.adapt_rows = fixed_order(len(run.data.test))[: run.config.adapt_samples]
+        if not run.adapts:  # no plugin adapts: read only the evaluated rows
+            self.adapt_rows = self.adapt_rows[self.adapt_rows < self.n]
+        self.rows = max(self.n, int(self.adapt_rows.max()) + 1 if len(self.adapt_rows) else 0)  # rows read per domain
         self._clean_labels: torch.Tensor | None = None
 
-    def _imagenet_index(self) -> list[int]:
+    def _imagenet_index(self, n: int) -> list[int]:
         """Test-set positions of the first n of robustbench's 5,000 ImageNet images (the ones load_imagenetc reads).
 
         robustbench's ImageNet-C loader ignores the folder's listing and reads
@@ -567,7 +587,7 @@ class _Robustbench:
         (``WNID/ILSVRC2012_val_*.JPEG``, a fixed random draw), in that order.
         """
         ids_file = Path(self.rb.__file__).parent / "helper_files" / "imagenet_test_image_ids.txt"
-        ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()][: self.n]
+        ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()][:n]
         test = self.run.data.test
         where = {os.path.relpath(path, test.root).replace(os.sep, "/"): i for i, (path, _) in enumerate(test.samples)}
         missing = [i for i in ids if i not in where]
@@ -577,34 +597,42 @@ class _Robustbench:
                              f"{len(ids)}, e.g. {missing[0]}")
         return [where[i] for i in ids]
 
+    def _adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adaptation rows of ``x`` (``rows`` rows of one domain) and their test-split positions."""
+        imagenet = self.name == "imagefolder"
+        return x[self.adapt_rows], torch.as_tensor(self.index)[self.adapt_rows] if imagenet else self.adapt_rows
+
     def clean(self):
-        """The same images uncorrupted: the first n test images (CIFAR), robustbench's ImageNet ids (ImageNet)."""
-        xs, ys = zip(*(self.run.data.test[i] for i in self.index))
+        """The same images uncorrupted: the first test images (CIFAR), robustbench's ImageNet ids (ImageNet)."""
+        positions = self.index[: self.rows] if self.name == "imagefolder" else range(self.rows)
+        xs, ys = zip(*(self.run.data.test[i] for i in positions))
+        x = torch.stack(xs)
         self._clean_labels = torch.as_tensor(ys, dtype=torch.long)
-        return torch.stack(xs), self._clean_labels
+        return x[: self.n], self._clean_labels[: self.n], self._adapt(x)
 
     def get(self, name: str, severity: int):
         loader = {"cifar10": self.rb.data.load_cifar10c, "cifar100": self.rb.data.load_cifar100c,
                   "imagefolder": self.rb.data.load_imagenetc}[self.name]
-        x, y = loader(self.n, severity, str(self.data_dir), shuffle=False, corruptions=[name])
+        x, y = loader(self.rows, severity, str(self.data_dir), shuffle=False, corruptions=[name])
         y = y.long()
         if self._clean_labels is not None and not torch.equal(y, self._clean_labels[: len(y)]):
             raise UsageError(f"{self.run.source}: evaluate.corruptions: the labels of {name} severity {severity} "
                              f"under {self.data_dir} do not match the run's test split: not the same dataset?")
-        return x, y
+        return x[: self.n], y[: self.n], self._adapt(x)
 
 
 def corruptions(model, ctx, report, cfg: CorruptionsConfig) -> None:
     run = ctx.run
     sets = _Robustbench(run, cfg) if cfg.source == "robustbench" else _Generated(run, cfg)
-    clean_acc = _accuracy(run, ctx, "clean", *sets.clean(), cfg.batch_size, desc="corruptions: clean")
+    images, labels, adapt = sets.clean()
+    clean_acc = _accuracy(run, ctx, "clean", images, labels, cfg.batch_size, "corruptions: clean", adapt)
     acc: dict[tuple[str, int], float] = {}
     bar = tqdm(total=len(cfg.corruptions) * len(cfg.severities), desc="corruptions", disable=run.quiet)
     for name in cfg.corruptions:
         for s in cfg.severities:
-            images, labels = sets.get(name, s)
+            images, labels, adapt = sets.get(name, s)
             acc[name, s] = _accuracy(run, ctx, f"corruptions/{name}/{s}", images, labels, cfg.batch_size,
-                                     desc=f"{name} {s}")
+                                     f"{name} {s}", adapt)
             report.add(f"corruptions/{name}/{s}/acc", acc[name, s])
             bar.update()
             bar.set_postfix(acc=f"{acc[name, s]:.3f}")

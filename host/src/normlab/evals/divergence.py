@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from ..data import fixed_order
 from ..errors import UsageError
 from ..layers.norm import iter_norms
 from ..layers.split import split_points
@@ -87,9 +88,11 @@ def recording(backbone, layers: list[str]):
 
 
 @torch.no_grad()
-def domain_stats(run, ctx, name: str, x: torch.Tensor, layers: list[str], batch_size: int):
+def domain_stats(run, ctx, name: str, x: torch.Tensor, layers: list[str], batch_size: int,
+                 samples: tuple[torch.Tensor, torch.Tensor]):
+    """Per-layer (mean, var) of the features of images ``x``, inside ``run.domain(name, *samples)``."""
     model = run.model
-    with run.domain(name, x[:batch_size], ctx), ctx.active(), recording(model.backbone, layers) as stats:
+    with run.domain(name, samples[0], ctx, samples[1]), ctx.active(), recording(model.backbone, layers) as stats:
         for i in tqdm(range(0, len(x), batch_size), desc=f"divergence {name}", leave=False, disable=run.quiet):
             with autocast(run.device, run.config.train.amp):
                 model(run.to_device(x[i:i + batch_size]))
@@ -109,11 +112,13 @@ def divergence(model, ctx, report, cfg: DivergenceConfig) -> None:
                              f"choose from {', '.join(GENERATED)}")
     model.eval()
     clean = torch.cat([x for x, _ in run.data.loader("test", 1024, shuffle=False, n=cfg.n_examples)])
-    ref = domain_stats(run, ctx, "clean", clean, layers, cfg.batch_size)
+    ref = domain_stats(run, ctx, "clean", clean, layers, cfg.batch_size, run.domain_samples())
     curves = {}
+    k = run.config.adapt_samples
     for d in cfg.domains:
-        x, _ = generated_domain(run, d, StyleConfig(n_examples=cfg.n_examples, seed=cfg.seed))
-        other = domain_stats(run, ctx, f"style/{d}", x, layers, cfg.batch_size)
+        x, _, n = generated_domain(run, d, StyleConfig(n_examples=cfg.n_examples, seed=cfg.seed))
+        positions = fixed_order(len(run.data.test))[:k]
+        other = domain_stats(run, ctx, f"style/{d}", x[:n], layers, cfg.batch_size, (x[:k], positions))
         values = [float(symmetric_kl(*ref[layer], *other[layer])) for layer in layers]
         for layer, v in zip(layers, values):
             report.add(f"divergence/{d}/{layer}", v)

@@ -65,6 +65,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from ..data import fixed_order
 from ..errors import UsageError
 from . import EvalSettings, Evaluator, test_loader
 from .attacks import attack_mode, default_eps, keep_trace, seeded
@@ -293,11 +294,12 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
         eps = float(cfg.eps) if cfg.eps is not None else default_eps(dataset or run.data.name, norm)
     seed = cfg.seed if cfg.seed is not None else run.config.seed
     with attack_mode(model), seeded(run.device, seed), ctx.active(), keep_trace():
+        samples, positions = run.domain_samples()  # the run's test split is the clean domain
         if problem is None:
-            with run.domain("clean", x[:cfg.batch_size], ctx):
+            with run.domain("clean", samples, ctx, positions):
                 clean, adv = _benchmark(model, run, cfg, dataset, n, data_dir, eps)
         else:
-            with run.domain("clean", x[:cfg.batch_size], ctx):
+            with run.domain("clean", samples, ctx, positions):
                 clean = _accuracy(model, x, y, cfg.batch_size, run.device, "robustbench clean", run.quiet)
                 if norm is not None:
                     adversary = _autoattack(model, run, cfg, norm, eps, seed)
@@ -345,18 +347,25 @@ def _corruptions(model, ctx, cfg: RobustbenchEvalConfig, dataset: str, n: int, d
     from robustbench.data import CORRUPTIONS, PREPROCESSINGS, load_cifar10c, load_cifar100c, load_imagenetc
 
     run = ctx.run
+    k = min(run.config.adapt_samples, MAX_EXAMPLES[dataset])
+    # adaptation rows: robustbench's ImageNet list is itself a fixed random draw (its first k); a CIFAR
+    # file holds the test set in order (the fixed draw over all of it, as normlab.data.fixed_order)
+    adapt = torch.arange(k) if dataset == "imagenet" else fixed_order(MAX_EXAMPLES[dataset])[:k]
+    if not run.adapts:  # no plugin adapts: read only the evaluated rows
+        adapt = adapt[adapt < n]
+    rows = max(n, int(adapt.max()) + 1 if len(adapt) else 0)
     accs = []
     for name in CORRUPTIONS:
         for severity in range(1, 6):
             if dataset == "imagenet":  # benchmark()'s preprocessing for ImageNet-C
-                xc, yc = load_imagenetc(n, severity, str(data_dir), False, [name], PREPROCESSINGS["Res224"])
+                xc, yc = load_imagenetc(rows, severity, str(data_dir), False, [name], PREPROCESSINGS["Res224"])
             else:
                 loader = load_cifar10c if dataset == "cifar10" else load_cifar100c
-                xc, yc = loader(n, severity, str(data_dir), False, [name])
+                xc, yc = loader(rows, severity, str(data_dir), False, [name])
             yc = yc.long()
-            with run.domain(f"corruptions/{name}/{severity}", xc[:cfg.batch_size], ctx):
-                acc = _accuracy(model, xc, yc, cfg.batch_size, run.device, f"robustbench {name}/{severity}",
-                                run.quiet)
+            with run.domain(f"corruptions/{name}/{severity}", xc[adapt], ctx, adapt):
+                acc = _accuracy(model, xc[:n], yc[:n], cfg.batch_size, run.device,
+                                f"robustbench {name}/{severity}", run.quiet)
             report.add(f"robustbench/corruptions/{name}/{severity}/acc", acc)
             accs.append(acc)
     return sum(accs) / len(accs)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..data import fixed_order
 from ..errors import UsageError
 from ..train import evaluate_accuracy
 from . import EvalSettings, Evaluator
@@ -86,15 +87,23 @@ SHIFTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
 }
 
 
-def generated_domain(run, name: str, cfg: StyleConfig):
-    """(images, labels) of generated domain ``name`` over the evaluator's test subset."""
-    loader = run.data.loader("test", 1024, shuffle=False, n=cfg.n_examples)
+def generated_domain(run, name: str, cfg: StyleConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images, labels, n) of generated domain ``name``: the first rows of the test split's fixed order.
+
+    The first ``n`` rows are the evaluated subset (``n_examples``), the first ``adapt_samples`` the
+    adaptation samples; the rows made are as many as the larger needs. Rows are drawn in order from
+    ``seed`` in whole blocks of 1,024, so a row does not depend on how many rows are used.
+    """
+    total = len(run.data.test)
+    n = min(cfg.n_examples or total, total)
+    need = max(n, min(run.config.adapt_samples, total))
+    loader = run.data.loader("test", 1024, shuffle=False, n=min(total, -(-need // 1024) * 1024))  # whole blocks
     g = torch.Generator().manual_seed(cfg.seed * 1009 + GENERATED.index(name))
     xs, ys = [], []
     for x, y in loader:
         xs.append(SHIFTS[name](x, g).clamp_(0, 1))
         ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs), torch.cat(ys), n
 
 
 def _folder_loader(run, name: str, path: str, cfg: StyleConfig):
@@ -110,10 +119,9 @@ def _folder_loader(run, name: str, path: str, cfg: StyleConfig):
     train_classes = getattr(run.data.test, "classes", None)
     if train_classes is not None and ds.classes != train_classes:
         raise UsageError(f"{run.source}: evaluate.style.folders.{name}: classes differ from the training data")
-    if cfg.n_examples is not None and cfg.n_examples < len(ds):
-        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:cfg.n_examples]
-        ds = torch.utils.data.Subset(ds, keep.tolist())
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
+    samples = run.domain_samples(ds)
+    ds = torch.utils.data.Subset(ds, fixed_order(len(ds))[:cfg.n_examples].tolist())
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False), samples
 
 
 def domains(run, cfg: StyleConfig) -> list[str]:
@@ -133,15 +141,16 @@ def style(model, ctx, report, cfg: StyleConfig) -> None:
                          f"`folders` (generated domains default to all only for mnist)")
     accs = []
     for name in names:
-        x, y = generated_domain(run, name, cfg)
-        loader = [(x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]) for i in range(0, len(y), cfg.batch_size)]
-        with run.domain(f"style/{name}", loader[0][0], ctx):
+        x, y, n = generated_domain(run, name, cfg)
+        loader = [(x[i:j], y[i:j]) for i in range(0, n, cfg.batch_size) for j in [min(i + cfg.batch_size, n)]]
+        k = run.config.adapt_samples
+        with run.domain(f"style/{name}", x[:k], ctx, fixed_order(len(run.data.test))[:k]):
             acc, _ = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
         report.add(f"style/{name}/acc", acc)
         accs.append(acc)
     for name, path in cfg.folders.items():
-        loader = _folder_loader(run, name, path, cfg)
-        with run.domain(f"style/{name}", next(iter(loader))[0], ctx):
+        loader, (samples, positions) = _folder_loader(run, name, path, cfg)
+        with run.domain(f"style/{name}", samples, ctx, positions):
             acc, _ = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
         report.add(f"style/{name}/acc", acc)
         accs.append(acc)

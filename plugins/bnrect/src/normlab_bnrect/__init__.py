@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from normlab import hookimpl
+from normlab.errors import UsageError
 
 requires = ()
 conflicts = ("nf",)
@@ -128,6 +129,16 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
 
 
 @hookimpl
+def on_model(model, run):
+    """Refuse ``n_samples`` above what each domain offers (the run's ``adapt_samples``), before training."""
+    cfg = run.plugin_config("bnrect")
+    if cfg.n_samples > run.config.adapt_samples:
+        raise UsageError(f"{run.source}: plugins.bnrect.n_samples: expected at most adapt_samples "
+                         f"({run.config.adapt_samples}), the unlabeled samples each domain offers; got "
+                         f"{cfg.n_samples} (raise adapt_samples at the top level of the run file)")
+
+
+@hookimpl
 def on_domain(model, domain, samples, ctx):
     cfg = ctx.run.plugin_config("bnrect")
     if not any(domain.startswith(p) for p in cfg.domains):
@@ -147,6 +158,7 @@ def on_eval(model, ctx, report):
     domains = ctx.run.state.get("bnrect", {})
     if domains:
         report.records["bnrect"] = {
-            "samples": "the first n_samples images of each domain's evaluated subset, in evaluation order",
+            "samples": "the first n_samples of each domain's adaptation samples (records.adaptation: a fixed "
+                       "random draw over the whole domain)",
             "domains": domains,
         }
