@@ -33,13 +33,87 @@ def snapshot(model):
             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
 
 
+def eval_input_stats(model, x):
+    """Per-BN mean and unbiased variance of each BN's input when ``model`` itself runs on ``x`` (eval mode)."""
+    stats = {}
+
+    def hook(name):
+        def fn(mod, inputs, out):
+            stats[name] = bnrect.batch_stats(inputs[0].double())
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return stats
+
+
+@pytest.mark.parametrize("settings", [{}, {"adapt": "mean"}, {"adapt": "var"}, {"prior": 16},
+                                      {"prior": 16, "adapt": "mean"}])
+def test_layerwise_statistics_are_those_the_adapted_model_produces(settings):
+    """Issue 17, bug 2: after adaptation each BN holds the statistics of its input in the adapted model."""
+    model = make_model()
+    x = torch.rand(32, 3, 32, 32) * 0.6 + 0.4
+    before = snapshot(model)
+    cfg = bnrect.Config(**settings)
+    undo, used, skipped, n = bnrect.rectify(model, x, cfg)
+    seen = eval_input_stats(model, x)  # the adapted model, run again on the same samples
+    w = cfg.prior / (cfg.prior + n) if cfg.prior is not None else 0.0
+    assert len(used) == 20 and not skipped
+    for layer in used:
+        m = model.get_submodule(layer)
+        mean, var = seen[layer]
+        mean0, var0 = (t.double() for t in before[layer][:2])
+        want_mean = mean0 if cfg.adapt == "var" else w * mean0 + (1 - w) * mean
+        want_var = var0 if cfg.adapt == "mean" else w * var0 + (1 - w) * var
+        torch.testing.assert_close(m.running_mean.double(), want_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.running_var.double(), want_var, rtol=1e-4, atol=1e-5)
+    undo()
+    assert all(torch.equal(v[1], before[k][1]) for k, v in snapshot(model).items())
+
+
+def test_batch_estimate_of_a_variant_describes_features_the_adapted_model_does_not_produce():
+    """The reference code's one train-mode forward, mean-only: deeper layers' means are off."""
+    x = torch.rand(32, 3, 32, 32) * 0.6 + 0.4
+    errors = {}
+    for estimate in ("layerwise", "batch"):
+        model = make_model()
+        undo, used, *_ = bnrect.rectify(model, x, bnrect.Config(adapt="mean", estimate=estimate))
+        seen = eval_input_stats(model, x)
+        errors[estimate] = max(float((model.get_submodule(n).running_mean.double() - seen[n][0]).abs().max())
+                               for n in used[1:])
+        undo()
+    assert errors["layerwise"] < 1e-4 and errors["batch"] > 1e-2, errors
+
+
+def test_per_batch_re_estimates_on_every_forward_and_undo_removes_the_hooks():
+    model = make_model()
+    before = snapshot(model)
+    cfg = bnrect.Config(per_batch=True, prior=8)
+    undo, *_ = bnrect.rectify(model, torch.rand(4, 3, 32, 32), cfg)
+    assert snapshot(model)["backbone.bn1"][0].equal(before["backbone.bn1"][0])  # nothing before a batch
+    for batch in (torch.rand(16, 3, 32, 32), torch.rand(16, 3, 32, 32) * 0.5):
+        with torch.no_grad():
+            model(batch)
+        mean = model.backbone.conv1(model.normalize(batch)).transpose(0, 1).flatten(1).mean(1)
+        w = 8 / (8 + 16)
+        torch.testing.assert_close(model.backbone.bn1.running_mean, w * before["backbone.bn1"][0] + (1 - w) * mean,
+                                   rtol=1e-4, atol=1e-5)
+    undo()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 32, 32))
+    assert all(torch.equal(v[0], before[k][0]) for k, v in snapshot(model).items())
+
+
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
-def test_adapted_statistics_equal_the_batch_statistics_and_restore_is_exact(name):
+def test_batch_estimate_equals_a_train_mode_forward_and_restore_is_exact(name):
     model = make_model(name)
     x = torch.rand(32, 3, 32, 32) * 0.6 + 0.4  # a shifted domain
     expected = input_batch_stats(model, x)
     before = snapshot(model)
-    undo, used, _, n = bnrect.rectify(model, x, bnrect.Config())
+    undo, used, _, n = bnrect.rectify(model, x, bnrect.Config(estimate="batch"))
     assert n == 32 and len(used) == len(expected)
     for layer, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -118,7 +192,7 @@ def test_prior_mixing_weights():
     model = make_model()
     before = snapshot(model)
     expected = input_batch_stats(model, x)
-    undo, *_ = bnrect.rectify(model, x, bnrect.Config(prior=24, n_samples=8))
+    undo, *_ = bnrect.rectify(model, x, bnrect.Config(prior=24, n_samples=8, estimate="batch"))
     w = 24 / (24 + 8)
     for layer, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):

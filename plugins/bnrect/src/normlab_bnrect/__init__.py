@@ -1,14 +1,27 @@
 """BN rectification (Benz, Zhang, Karjauv, Kweon, WACV 2021).
 
 Before each test domain, replace the population statistics of the BN layers
-with the statistics of ``n_samples`` unlabeled images of that domain (one
-batch, cumulative average: ``momentum=None`` after resetting the counters),
-evaluate, then restore the source statistics bit for bit.
+with the statistics of ``n_samples`` unlabeled images of that domain (the first
+of its adaptation samples, a fixed random draw over the whole domain: see
+``adapt_samples``), evaluate, then restore the source statistics bit for bit.
+
+The statistics are estimated layer by layer in one forward (``estimate:
+layerwise``, the default): each BN's statistics are set from its input as the
+input arrives, so every later layer sees the features the adapted model
+produces. Benz et al.'s code instead runs one forward with the BNs in train
+mode and writes the variant afterwards (``estimate: batch``); the two agree for
+the full adaptation up to the ``n / (n - 1)`` variance factor used while
+normalising, but for the mean-only, variance-only and prior variants the
+batch form's deeper statistics describe features the evaluated model never
+sees.
 
 Variants: adapt only the mean or only the variance; only the front, middle or
 end third of the BN layers (forward order) or the layers whose name starts
 with one of ``layers``; mix with the source statistics with weight
-``N / (N + n)`` (``prior: N``, Schneider et al., NeurIPS 2020). Only the BN
+``N / (N + n)`` (``prior: N``, Schneider et al., NeurIPS 2020), once per
+domain from the ``n`` adaptation samples, or with ``per_batch: true`` on
+every evaluated batch (their evaluation: ``n`` is then the batch size and
+nothing is estimated before the domain's first batch). Only the BN
 layers that the model actually runs for the domain are changed, so with routed
 BN (AdvBN's auxiliary BN, dual BN) the route in use is rectified.
 
@@ -18,6 +31,7 @@ variance of the batch (``n / (n - 1)`` times the biased one).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -40,7 +54,13 @@ class Config(BaseModel):
     adapt: Literal["both", "mean", "var"] = Field("both", description="which statistics to re-estimate")
     part: Literal["all", "front", "middle", "end"] = Field("all", description="which third of the BN layers")
     layers: list[str] | None = Field(None, description="only BN layers whose name starts with one of these")
-    prior: float | None = Field(None, ge=0, description="N: mix source statistics with weight N / (N + n)")
+    prior: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                description="N: mix source statistics with weight N / (N + n)")
+    estimate: Literal["layerwise", "batch"] = Field(
+        "layerwise", description="layerwise: each BN normalises with its final values during the adaptation "
+                                 "forward; batch: one train-mode forward, as Benz et al.'s code")
+    per_batch: bool = Field(False, description="re-estimate on every evaluated batch (Schneider et al.'s "
+                                               "evaluation) instead of once per domain from n_samples")
     domains: list[str] = Field(
         default_factory=lambda: ["corruptions/", "style/"],
         description="domain-name prefixes to adapt to (the clean source domain is not adapted by default)")
@@ -59,80 +79,121 @@ def select(model: nn.Module, cfg: Config) -> list[tuple[str, nn.modules.batchnor
     return bns
 
 
+def batch_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of a BN input (N, C, ...), as BatchNorm's running update."""
+    f = f.detach().transpose(0, 1).flatten(1).float()
+    return f.mean(1), f.var(1, unbiased=True)
+
+
+def target(mean: torch.Tensor, var: torch.Tensor, mean0: torch.Tensor, var0: torch.Tensor, n: int,
+           cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics a BN evaluates with: the target batch's (``mean``, ``var`` from ``n`` samples),
+    mixed with the source's (``mean0``, ``var0``) by ``prior``, the mean or the variance kept as the source's."""
+    if cfg.prior is not None:
+        w = cfg.prior / (cfg.prior + n)
+        mean, var = w * mean0 + (1 - w) * mean, w * var0 + (1 - w) * var
+    if cfg.adapt == "mean":
+        var = var0
+    elif cfg.adapt == "var":
+        mean = mean0
+    return mean, var
+
+
 @torch.no_grad()
 def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
     """Re-estimate the chosen BN statistics from ``samples``; return (undo, layers changed, layers skipped, n).
 
-    A BN layer is switched to estimation (statistics reset, ``momentum=None``,
-    train mode) by a pre-hook when its input arrives, so layers that do not run
-    (another route) and layers that see a single value per channel (n = 1 at a
-    1x1 feature map, where no variance exists) keep their source statistics
-    and normalize with them during the adaptation forward.
+    ``estimate: layerwise`` (default): one forward in eval mode; a pre-hook on each chosen BN sets its
+    statistics from its input as that input arrives (:func:`target`), so every BN normalises with the
+    values it will evaluate with, and deeper layers see the features the adapted model produces.
+    ``estimate: batch``: Benz et al.'s code, one forward with the BNs in train mode (statistics reset,
+    ``momentum=None``), the variant applied afterwards; for ``adapt: both`` without ``prior`` it differs
+    from layerwise only in normalising with the biased variance during that forward, but for the
+    mean-only, variance-only and prior variants deeper layers' statistics then describe features the
+    evaluated model never produces.
+
+    Layers that do not run (another route) and layers that see one value per channel (n = 1 at a
+    1x1 feature map, where no variance exists) keep their source statistics. With ``per_batch`` the
+    hooks stay until ``undo`` and re-estimate on every forward (each evaluated batch) instead.
     """
     bns = select(model, cfg)
     saved = {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
              for n, m in bns}
     used: set[str] = set()
     skipped: set[str] = set()
+    seen: set[str] = set()  # BNs estimated in the current forward (a module may run twice in one)
+    layerwise = cfg.estimate == "layerwise" or cfg.per_batch
 
     def start(mod, inputs, name):
-        if name in used or name in skipped:
+        if name in seen:
             return
+        seen.add(name)
         f = inputs[0]
         if f.numel() // f.shape[1] < 2:
             skipped.add(name)
             return
-        mod.reset_running_stats()
-        mod.momentum = None  # cumulative average: after one batch, exactly its statistics
-        mod.train()
         used.add(name)
+        if layerwise:
+            mean0, var0, _, _ = saved[name]
+            mean, var = target(*batch_stats(f), mean0, var0, f.shape[0], cfg)
+            mod.running_mean.copy_(mean)
+            mod.running_var.copy_(var)
+        else:
+            mod.reset_running_stats()
+            mod.momentum = None  # cumulative average: after one batch, exactly its statistics
+            mod.train()
+
+    def new_forward(*_):
+        seen.clear()
 
     hooks = [m.register_forward_pre_hook(lambda mod, i, name=n: start(mod, i, name)) for n, m in bns]
+    hooks.append(model.register_forward_pre_hook(new_forward))
     for _, m in bns:
         m.eval()
-    x = samples[: cfg.n_samples]
-    try:
-        if ctx is not None:
-            with ctx.active():
-                model(x)
-        else:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for _, m in bns:
-            m.eval()
-    n = x.shape[0]
-    for name, m in bns:
-        mean0, var0, count0, momentum = saved[name]
-        m.momentum = momentum
-        if name not in used:  # not run (another route) or skipped: never reset
-            continue
-        if cfg.prior is not None:
-            w = cfg.prior / (cfg.prior + n)
-            m.running_mean.mul_(1 - w).add_(w * mean0)
-            m.running_var.mul_(1 - w).add_(w * var0)
-        if cfg.adapt == "mean":
-            m.running_var.copy_(var0)
-        elif cfg.adapt == "var":
-            m.running_mean.copy_(mean0)
 
     def undo():
+        for h in hooks:
+            h.remove()
         for name, m in bns:
             mean0, var0, count0, momentum = saved[name]
             m.running_mean.copy_(mean0)
             m.running_var.copy_(var0)
             m.num_batches_tracked.copy_(count0)
             m.momentum = momentum
+            m.eval()
 
-    return undo, sorted(used), sorted(skipped), n
+    if cfg.per_batch:
+        return undo, [n for n, _ in bns], [], 0
+    x = samples[: cfg.n_samples]
+    try:
+        with ctx.active() if ctx is not None else contextlib.nullcontext():
+            model(x)
+    except BaseException:
+        undo()
+        raise
+    for h in hooks:
+        h.remove()
+    for name, m in bns:
+        m.eval()
+        mean0, var0, _, momentum = saved[name]
+        m.momentum = momentum
+        if name in used and not layerwise:
+            mean, var = target(m.running_mean.clone(), m.running_var.clone(), mean0, var0, x.shape[0], cfg)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    return undo, sorted(used), sorted(skipped), x.shape[0]
 
 
 @hookimpl
 def on_model(model, run):
     """Refuse ``n_samples`` above what each domain offers (the run's ``adapt_samples``), before training."""
     cfg = run.plugin_config("bnrect")
-    if cfg.n_samples > run.config.adapt_samples:
+    if cfg.per_batch and any("clean".startswith(p) for p in cfg.domains):
+        # attacks run on the clean domain and require the model's buffers not to move
+        raise UsageError(f"{run.source}: plugins.bnrect.domains: per_batch re-estimates on every batch, which "
+                         f"the attack evaluators' clean domain cannot allow; expected prefixes that exclude "
+                         f"'clean', got {cfg.domains}")
+    if not cfg.per_batch and cfg.n_samples > run.config.adapt_samples:
         raise UsageError(f"{run.source}: plugins.bnrect.n_samples: expected at most adapt_samples "
                          f"({run.config.adapt_samples}), the unlabeled samples each domain offers; got "
                          f"{cfg.n_samples} (raise adapt_samples at the top level of the run file)")
@@ -145,7 +206,7 @@ def on_domain(model, domain, samples, ctx):
         return None
     undo, used, skipped, n = rectify(model, samples, cfg, ctx)
     ctx.run.log.debug("bnrect: %s: %d BN layers from %d samples", domain, len(used), n)
-    record = {"n_samples": n, "bn_layers": len(used)}
+    record = {"n_samples": "each evaluated batch" if cfg.per_batch else n, "bn_layers": len(used)}
     if skipped:
         record["skipped_one_value_per_channel"] = len(skipped)
     ctx.run.state.setdefault("bnrect", {})[domain] = record
