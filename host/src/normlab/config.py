@@ -50,6 +50,9 @@ class ModelConfig(Strict):
     checkpoint: str | None = Field(
         None, description="start from a checkpoint: a .safetensors/.pt state dict, or another run's directory")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    stem: Literal["default", "cifar"] = Field(
+        "default", description="cifar: the small-input stem (3x3 stride-1 first conv, no max-pool) for 32 px "
+                               "inputs, on timm ResNets, NF-ResNets and EfficientNets (newly initialised)")
     trainable: list[str] | None = Field(
         None, description="train only parameters whose backbone name starts with one of these prefixes")
     robustbench: RobustbenchModel | None = Field(
@@ -62,13 +65,13 @@ class ModelConfig(Strict):
         """The rule: with ``robustbench`` set, the timm-only keys must keep their defaults."""
         if v is None:
             return v
-        set_keys = [f"model.{k}={info.data[k]!r}" for k in ("name", "pretrained", "kwargs")
+        set_keys = [f"model.{k}={info.data[k]!r}" for k in ("name", "pretrained", "kwargs", "stem")
                     if k in info.data and info.data[k] != cls.model_fields[k].get_default(call_default_factory=True)]
         if set_keys:
             raise PydanticCustomError(
                 "robustbench_with_timm",
-                "a robustbench zoo model replaces the timm backbone: leave model.name, model.pretrained and "
-                "model.kwargs at their defaults (got {got})", {"got": ", ".join(set_keys)})
+                "a robustbench zoo model replaces the timm backbone: leave model.name, model.pretrained, "
+                "model.kwargs and model.stem at their defaults (got {got})", {"got": ", ".join(set_keys)})
         return v
 
 

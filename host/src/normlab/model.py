@@ -11,7 +11,7 @@ from torch import nn
 from .errors import UsageError
 from .layers.norm import map_norms
 
-__all__ = ["Normalize", "NormlabNet", "create_backbone", "input_stats", "robustbench_backbone", "load_state_file",
+__all__ = ["Normalize", "NormlabNet", "create_backbone", "small_input_stem", "input_stats", "robustbench_backbone", "load_state_file",
            "load_weights", "set_trainable"]
 
 
@@ -59,7 +59,8 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
         raise UsageError(f"{source}: model.name: unknown timm model {cfg.name!r}"
                          + did_you_mean(cfg.name, timm.list_models()))
     try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.kwargs)
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.kwargs)
+        return small_input_stem(model, f"{source}: model.stem") if cfg.stem == "cifar" else model
     except TypeError as e:
         raise UsageError(f"{source}: model.kwargs: {e}") from None
     except Exception as e:
@@ -70,6 +71,48 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
             f"({type(e).__name__}); without a network, put them in the Hugging Face cache (HF_HOME) or "
             f"set model.checkpoint to a weights file"
         ) from None
+
+
+def small_input_stem(model: nn.Module, where: str = "model.stem") -> nn.Module:
+    """The CIFAR form of an ImageNet stem, in place: at 32 px, layer1..layer4 see 32/16/8/4 pixels.
+
+    - timm ResNet (plain stem): ``conv1`` becomes a 3x3 stride-1 conv with the same channels (He et
+      al.'s CIFAR ResNets, and the seeds' CIFAR code), ``maxpool`` the identity. A deep stem
+      (``resnet50d``, a Sequential ``conv1``) keeps its convs with the first at stride 1.
+    - timm NormFreeNet (``nf_resnet26``, ...): ``stem.conv`` becomes a 3x3 stride-1 ScaledStdConv2d,
+      ``stem.pool`` the identity.
+    - timm EfficientNet (and MobileNetV3): ``conv_stem`` (already 3x3) at stride 1.
+
+    A new first conv is initialised as timm initialises its model's convs; pretrained weights for
+    it are dropped. Anything else is a UsageError naming what is supported.
+    """
+    from timm.layers import ScaledStdConv2d
+
+    def conv3x3(old: nn.Conv2d) -> nn.Conv2d:
+        kind = type(old)
+        new = kind(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
+        if kind is nn.Conv2d:
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        return new
+
+    kind = type(model).__name__
+    if kind == "ResNet" and hasattr(model, "maxpool"):
+        if isinstance(model.conv1, nn.Conv2d):
+            model.conv1 = conv3x3(model.conv1)
+        else:  # deep stem: a Sequential of convs
+            first = next(m for m in model.conv1.modules() if isinstance(m, nn.Conv2d))
+            first.stride = (1, 1)
+        model.maxpool = nn.Identity()
+    elif kind == "NormFreeNet" and isinstance(getattr(getattr(model, "stem", None), "conv", None), ScaledStdConv2d):
+        model.stem.conv = conv3x3(model.stem.conv)
+        if hasattr(model.stem, "pool"):
+            model.stem.pool = nn.Identity()
+    elif kind in ("EfficientNet", "MobileNetV3") and isinstance(getattr(model, "conv_stem", None), nn.Conv2d):
+        model.conv_stem.stride = (1, 1)
+    else:
+        raise UsageError(f"{where}: 'cifar' is defined for timm ResNet, NormFreeNet (nf_resnet*) and "
+                         f"EfficientNet/MobileNetV3 models; {kind} is none of them")
+    return model
 
 
 def input_stats(cfg: Any, data: Any, source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -55,7 +55,7 @@ from torch import nn
 
 from normlab import hookimpl
 from normlab.errors import UsageError
-from normlab.model import Normalize
+from normlab.model import Normalize, small_input_stem
 
 requires = ()
 conflicts = ("bnrect", "condition", "advbn", "slim")
@@ -501,6 +501,8 @@ def _build(target: str, run, cfg: Config) -> nn.Module:
                                   **run.config.model.kwargs)
     except TypeError as e:
         raise UsageError(f"{src}: model.kwargs: {target} does not take them ({e})") from None
+    if run.config.model.stem == "cifar":
+        small_input_stem(model, f"{src}: model.stem")
     run.log.info("nf: %s built as timm's %s", run.config.model.name, target)
     _maybe_agc(model, run, cfg)
     return model
