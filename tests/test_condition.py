@@ -8,6 +8,7 @@ import types
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,6 +28,7 @@ class FakeRun:
     """What the hooks read from a Run, without data or a run directory."""
 
     def __init__(self, seed=0, **settings):
+        settings.setdefault("film_style", "normlab")  # most tests below check normlab's FiLM; oat's has its own
         self.cfg = cond.Config(**settings)
         self.source = "oat.yaml"
         self.state = {}
@@ -486,3 +488,38 @@ def test_oat_with_the_real_pgd_plugin_trains_and_sweeps_lam(tmp_path):
     for v in ("0.0", "0.05", "1.0"):
         assert 0 <= res.metrics[f"sweep/lam={v}/pgd/acc"] <= res.metrics[f"sweep/lam={v}/clean/acc"]
     assert (res.dir / "plots" / "sweep_lam.png").is_file()
+
+
+# --- FiLM as the OAT code has it (film_style: oat, the default) --------------------
+
+def test_oat_film_sits_after_stem_and_block_bns_only_with_one_mlp_d_2c_2c():
+    model, run = backbone(), FakeRun(film_style="oat")
+    assert cond.Config().film_style == "oat"  # the published form is the default
+    convert(model, run)
+    films = {n: m for n, m in model.named_modules() if isinstance(m, FiLM)}
+    routed = [n for n, m in model.named_modules() if isinstance(m, RoutedNorm)]
+    assert len(routed) == 20 and len(films) == 17  # 20 BNs, 3 of them projection shortcuts
+    assert not any(".downsample." in n for n in films) and "bn1.film" in films
+    film = films["layer2.0.bn1.film"]  # 128 channels
+    assert [type(m) for m in film.mlp] == [nn.Linear, nn.LeakyReLU, nn.Linear]
+    assert (film.mlp[0].in_features, film.mlp[0].out_features, film.mlp[2].out_features) == (128, 256, 256)
+
+
+def test_oat_film_equals_the_papers_code_formula_and_the_fused_eval_path():
+    torch.manual_seed(7)
+    film = FiLM(8, 16, style="oat")
+    x, c = torch.randn(4, 8, 5, 5), torch.randn(4, 16)
+    h = F.leaky_relu(c @ film.mlp[0].weight.T + film.mlp[0].bias)
+    out = h @ film.mlp[2].weight.T + film.mlp[2].bias
+    mu, sigma = F.leaky_relu(out[:, :8]), F.leaky_relu(out[:, 8:])
+    with Context(condition=c).active():
+        torch.testing.assert_close(film(x), x * mu[:, :, None, None] + sigma[:, :, None, None])
+    # fused BN + FiLM in eval mode equals BN then FiLM, for the oat form too
+    model, run = backbone(), FakeRun(film_style="oat")
+    convert(model, run)
+    model.eval()
+    code = run.state["condition"]
+    ctx = Context(run=run, route="adv", condition=code.table[torch.tensor([1, 2, 5])])
+    xi = torch.rand(3, 3, 32, 32)
+    with torch.no_grad(), ctx.active():
+        torch.testing.assert_close(model(xi), _unfused(model)(xi), rtol=1e-4, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..context import Context, current
@@ -11,25 +12,36 @@ __all__ = ["FiLM"]
 
 
 class FiLM(nn.Module):
-    """Per-channel ``(1 + scale(c)) * x + shift(c)``, with ``c = current().condition``.
+    """Per-channel ``x * a(c) + b(c)``, with ``c = current().condition``; two forms (``style``).
 
-    ``scale`` and ``shift`` are two-layer MLPs over the (N, cond_dim) condition;
-    their last layers start at zero, so a fresh FiLM is the identity. With no
-    condition in the context (None) FiLM is the identity too. A one-row
-    condition applies to every sample.
+    - ``normlab``: ``a = 1 + scale(c)``, ``b = shift(c)``, ``scale`` and ``shift`` two ReLU MLPs
+      ``d -> hidden -> C`` whose last layers start at zero, so a fresh FiLM is the identity.
+    - ``oat``: the OAT code's ``FiLM_Layer``: one MLP ``d -> hidden -> 2C`` (``hidden`` default
+      ``2C``) with a leaky ReLU, its output split into ``(mu, sigma)``, each through a leaky ReLU;
+      ``a = mu``, ``b = sigma``, PyTorch's default initialisation.
 
-    A batch's condition usually repeats a few rows (OAT: one encoding per
-    sampled lambda), so the MLPs run once per distinct row, found once per
-    condition tensor and shared by every FiLM layer through ``ctx.state``, and
-    the result is gathered per sample. A condition that needs gradients takes
-    the plain per-row path.
+    With no condition in the context (None) FiLM is the identity. A one-row condition applies
+    to every sample.
+
+    A batch's condition usually repeats a few rows (OAT: one encoding per sampled lambda), so the
+    MLPs run once per distinct row, found once per condition tensor and shared by every FiLM layer
+    through ``ctx.state``, and the result is gathered per sample. A condition that needs gradients
+    takes the plain per-row path.
     """
 
-    def __init__(self, num_features: int, cond_dim: int, hidden: int | None = None):
+    def __init__(self, num_features: int, cond_dim: int, hidden: int | None = None, style: str = "normlab"):
         super().__init__()
-        hidden = hidden or cond_dim
-        self.scale = self._mlp(cond_dim, hidden, num_features)
-        self.shift = self._mlp(cond_dim, hidden, num_features)
+        if style not in ("normlab", "oat"):
+            raise ValueError(f"FiLM style must be 'normlab' or 'oat', got {style!r}")
+        self.num_features, self.style = num_features, style
+        if style == "oat":
+            hidden = hidden or 2 * num_features
+            self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden), nn.LeakyReLU(inplace=True),
+                                     nn.Linear(hidden, 2 * num_features))
+        else:
+            hidden = hidden or cond_dim
+            self.scale = self._mlp(cond_dim, hidden, num_features)
+            self.shift = self._mlp(cond_dim, hidden, num_features)
 
     @staticmethod
     def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -38,8 +50,14 @@ class FiLM(nn.Module):
         nn.init.zeros_(mlp[2].bias)
         return mlp
 
+    def _ab(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.style == "oat":
+            mu, sigma = F.leaky_relu(self.mlp(rows)).split(self.num_features, dim=-1)
+            return mu, sigma
+        return 1 + self.scale(rows), self.shift(rows)
+
     def coefficients(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-sample (scale, shift), each (n or 1, C), for the active condition; None without one."""
+        """Per-sample ``(a, b)``, each (n or 1, C), of ``x * a + b`` for the active condition; None without one."""
         ctx = current()
         c = ctx.condition
         if c is None:
@@ -47,18 +65,17 @@ class FiLM(nn.Module):
         if c.shape[0] not in (1, n):  # one row (a test-time knob) applies to the whole batch
             raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {n}")
         rows, inverse = _distinct_rows(ctx, c)
-        rows = rows.to(dtype=self.scale[0].weight.dtype)
-        scale, shift = self.scale(rows), self.shift(rows)
+        a, b = self._ab(rows.to(dtype=next(self.parameters()).dtype))
         if inverse is not None:
-            scale, shift = scale[inverse], shift[inverse]
-        return scale, shift
+            a, b = a[inverse], b[inverse]
+        return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coef = self.coefficients(x.shape[0])
         if coef is None:
             return x
-        scale, shift = coef
-        return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, (1 + scale).to(x.dtype)[:, :, None, None])
+        a, b = coef
+        return torch.addcmul(b.to(x.dtype)[:, :, None, None], x, a.to(x.dtype)[:, :, None, None])
 
 
 def _distinct_rows(ctx: Context, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,9 +10,13 @@ lambda:
   (:class:`~normlab.layers.RoutedNorm`); samples with lambda = 0 go through the
   clean BN, all others (and every adversarial example) through the adversarial
   one, at training and at test time;
-- **FiLM**: after each BN, ``x * (1 + s(e)) + t(e)`` with per-channel scale and
-  shift from two-layer MLPs (:class:`~normlab.layers.FiLM`, identity at
-  initialisation) over the encoding ``e(lambda)``: a row of a random orthogonal
+- **FiLM** (:class:`~normlab.layers.FiLM`) over the encoding ``e(lambda)``, in
+  one of two forms (``film_style``). ``oat`` (default), the paper's code: after
+  the stem's and the blocks' BNs (not the projection shortcuts'), ``x * mu(e) +
+  sigma(e)``, ``(mu, sigma)`` the leaky-ReLU'd halves of one leaky-ReLU MLP
+  ``d -> 2C -> 2C``. ``normlab``: after every BN, ``x * (1 + s(e)) + t(e)``
+  from two zero-initialised ReLU MLPs, so training starts from the plain
+  network. The encoding ``e(lambda)`` is a row of a random orthogonal
   ``dim x dim`` matrix (the QR of a Gaussian drawn from the run seed; a buffer,
   so it is saved with every checkpoint and reloads bit for bit), or a one-hot
   row, or lambda itself (``encoding: scalar``).
@@ -84,7 +88,12 @@ class Config(BaseModel):
         "orthogonal: rows of a random dim x dim orthogonal matrix; onehot: rows of the "
         "len(choices) identity; scalar: lambda itself"))
     dim: int = Field(128, ge=1, description="size of the orthogonal encoding")
-    hidden: int | None = Field(None, ge=1, description="hidden width of the FiLM MLPs (null: dim)")
+    hidden: int | None = Field(None, ge=1, description="hidden width of the FiLM MLPs (null: dim for normlab's "
+                                                        "FiLM, 2C for the OAT code's)")
+    film_style: Literal["oat", "normlab"] = Field(
+        "oat", description="oat: the OAT code's FiLM (one leaky-ReLU MLP d -> 2C -> 2C, x * mu + sigma, after "
+                           "the stem and block BNs only); normlab: x * (1 + s) + t from two zero-initialised "
+                           "ReLU MLPs (identity at the start), after every BN including the shortcuts'")
     dual_bn: bool = Field(True, description="clean / adversarial BN pair (false: one BN, for the ablation)")
     film: bool = Field(True, description="FiLM after each BN (false: dual BN only, for the ablation)")
     lam: float = Field(1.0, ge=0, le=1, description="the test-time knob: lambda for evaluation")
@@ -195,8 +204,8 @@ class CondNormAct(NormAct):
 
     When the BN that the context selects uses its running statistics (eval
     mode: attacks, evaluation) the layer is affine per sample and channel, so
-    ``FiLM(BN(x))`` is one ``addcmul``: ``x * a + b`` with ``a = w (1 + scale)``,
-    ``b = (beta - mean w) (1 + scale) + shift`` and ``w = gamma / sqrt(var + eps)``.
+    ``FiLM(BN(x))`` is one ``addcmul``: with FiLM's ``x * f + g``, ``x * a + b`` with ``a = w f``,
+    ``b = (beta - mean w) f + g`` and ``w = gamma / sqrt(var + eps)``.
     In training mode, with per-sample routes, or without a condition it runs
     norm, FiLM, drop and act one after the other.
     """
@@ -224,13 +233,13 @@ class CondNormAct(NormAct):
         if cache is not None and len(cache[0]) == len(key) and all(
                 k is q if isinstance(k, (torch.Tensor, nn.Module)) else k == q for k, q in zip(cache[0], key)):
             return cache[1]
-        scale, shift = self.film.coefficients(n)
+        a, shift = self.film.coefficients(n)
         w = torch.rsqrt(bn.running_var + bn.eps)
         b = -bn.running_mean * w
         if bn.affine:
             w = w * bn.weight
             b = b * bn.weight + bn.bias
-        out = ((1 + scale) * w, (1 + scale) * b + shift)
+        out = (a * w, a * b + shift)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         self.__dict__["_fused_cache"] = None if grads else (key, out)
         return out
@@ -241,6 +250,11 @@ class CondNormAct(NormAct):
         if type(norm) is not nn.BatchNorm2d or norm.training or not norm.track_running_stats:
             return None
         return norm
+
+
+def _is_shortcut(name: str) -> bool:
+    """Whether BN ``name`` normalises a projection shortcut (timm ResNets: ``layerN.M.downsample.1``)."""
+    return ".downsample." in f".{name}."
 
 
 def _channels(norm: nn.Module) -> int:
@@ -275,14 +289,16 @@ def on_batch_norm(name, module, model, run):
     if not (cfg.dual_bn or cfg.film):
         return None
     layer = as_norm_act(module)
-    if cfg.film and layer.film is not None:
+    film_here = cfg.film and not (cfg.film_style == "oat" and _is_shortcut(name))
+    if film_here and layer.film is not None:
         raise UsageError(f"{run.source}: plugins.condition.film: expected layer {name!r} without FiLM; "
                          f"another plugin already put one there")
     channels = _channels(layer.norm)
     if cfg.dual_bn:
         layer.norm = RoutedNorm.copies(layer.norm, ROUTES)
-    if cfg.film:
-        film = FiLM(channels, cfg.code_dim, cfg.hidden or cfg.dim)
+    if film_here:
+        hidden = cfg.hidden or (None if cfg.film_style == "oat" else cfg.dim)
+        film = FiLM(channels, cfg.code_dim, hidden, style=cfg.film_style)
         if type(layer) is NormAct:  # the fused eval path; a subclass from another plugin keeps its forward
             layer = CondNormAct(layer.norm, drop=layer.drop, act=layer.act).train(layer.training)
         layer.film = film.train(layer.training)
