@@ -1,6 +1,7 @@
 """Normalizer-free conversion (NoFrost): no norm layer left, unit-variance signal propagation, identity
 blocks at initialisation, timm's NF counterparts built, AGC, bad input exits 2, and a converted net trains."""
 
+import csv
 import math
 import re
 
@@ -114,6 +115,33 @@ def test_each_block_is_its_skip_path_at_initialisation(name):
         h = out
 
 
+@pytest.mark.parametrize("name", ["resnet18", "nf_resnet26"])
+def test_branch_ratio_is_zero_at_initialisation_and_a_hand_computation_after(name):
+    """The per-epoch diagnostic: RMS(block output - skip) / RMS(skip), for normlab's and timm's NF blocks."""
+    torch.manual_seed(0)
+    model = converted(name) if name == "resnet18" else timm.create_model(name, num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    ratios = nf.branch_ratios(model.eval(), x)
+    assert len(ratios) == (8 if name == "resnet18" else 8) and all(r == 0.0 for r in ratios.values()), ratios
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ScaledStdConv2d) and float(m.gain.abs().max()) == 0.0:
+                nn.init.ones_(m.gain)
+            if getattr(m, "skipinit_gain", None) is not None:
+                nn.init.ones_(m.skipinit_gain)
+    ratios = nf.branch_ratios(model, x)
+    first_name = next(iter(ratios))
+    block, seen = model.get_submodule(first_name), {}
+    handle = block.register_forward_pre_hook(lambda m, i: seen.setdefault("h", i[0].clone()))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        h = seen["h"]
+        out, skip = block(h), nf._skip(block, h)
+    by_hand = float((out - skip).pow(2).mean().sqrt() / skip.pow(2).mean().sqrt())
+    assert ratios[first_name] == pytest.approx(by_hand, rel=1e-5) and by_hand > 0.01
+
+
 def test_beta_follows_the_expected_variance_and_matches_timm_nf_resnet26():
     model = converted("resnet18")
     expected = [1.0, 1.04, 1.08, 1.04, 1.08, 1.04, 1.08, 1.04]  # +alpha^2 per block, 1 + alpha^2 after transitions
@@ -148,7 +176,7 @@ def test_activation_variance_stays_of_order_one_through_depth():
         return list(block_output_variances(model, test_x).values())
 
     for name in ("resnet18", "resnet50"):  # basic blocks; bottlenecks with a stride-1 shortcut in layer1
-        run = built_run({"nf": {}}, name)
+        run = built_run({"nf": {"calibrate": 64}}, name)
         at_init = profile(run)
         assert at_init == pytest.approx([1.0] * len(at_init), abs=0.1), (name, at_init)
         trained = profile(run, ones=True)
@@ -315,7 +343,11 @@ def test_registry_declares_the_conflicts(other):
 def test_a_converted_resnet18_trains_from_scratch(tmp_path):
     cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 64, "n_train": 1600},
            "train": {"epochs": 2, "lr": 0.01, "warmup_epochs": 0.5, "label_smoothing": 0.1},
-           "plugins": {"nf": {}}, "evaluate": {"clean": {}}}
+           "plugins": {"nf": {"calibrate": 64}}, "evaluate": {"clean": {}}}  # calibrate 0 (the default): 0.51
     result = normlab.run(cfg, out=tmp_path / "run", quiet=True)
     assert nf.norm_layers(result.model) == []
     assert result.metrics["clean/acc"] >= 0.8  # on the 1,000 held-out digits
+    rows = list(csv.DictReader((result.dir / "metrics.csv").open()))
+    ratios = [float(r["nf/branch_ratio/mean"]) for r in rows]
+    assert len(ratios) == 2 and 0.0 < ratios[0] and all(float(rows[-1][f"nf/branch_ratio/layer{i}.0"]) >= 0
+                                                           for i in range(1, 5))

@@ -155,6 +155,23 @@ def on_domain(model, domain, samples, ctx):
 
 
 @hookspec
+def on_epoch(model, ctx, metrics):
+    """Add per-epoch numbers to the epoch's row of ``metrics.csv`` (and see the others).
+
+    :param model: the full model, in eval mode (the host restores train mode afterwards).
+    :param ctx: a :class:`~normlab.context.Context` with ``ctx.run`` and ``ctx.epoch`` (0-based).
+    :param metrics: the epoch's row, a dict: ``epoch``, ``lr``, ``train_loss``, ``train_acc``,
+        ``loss/<term>``, ``val_acc``, ``seconds``; add finite numbers under keys that start
+        with the plugin's name (``nf/branch_ratio/layer1.0``). Experiment trackers read it.
+    :return: ignored.
+
+    Called for every plugin in run-file order after the epoch's validation and before its
+    checkpoint, so a resumed run has the rows of the epochs before. Runs under
+    ``torch.no_grad``. A value that is not a finite number is a RunFailure naming the key.
+    """
+
+
+@hookspec
 def on_eval(model, ctx, report):
     """Evaluate the trained model and add metrics.
 

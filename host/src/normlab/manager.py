@@ -133,7 +133,7 @@ class Hooks:
         self.pm.check_pending()
         rank = {n: i for i, n in enumerate(self.order)}
         self._impls: dict[str, list[tuple[str, Callable, tuple[str, ...]]]] = {}
-        for hook_name in CHAINED.keys() | {"on_loss", "on_domain", "on_eval"}:
+        for hook_name in CHAINED.keys() | {"on_loss", "on_domain", "on_epoch", "on_eval"}:
             impls = getattr(self.pm.hook, hook_name).get_hookimpls()
             impls = sorted(impls, key=lambda i: rank[i.plugin_name])
             self._impls[hook_name] = [(i.plugin_name, i.function, tuple(i.argnames)) for i in impls]

@@ -336,7 +336,7 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
     handler = _setup_logging(run_dir)
     try:
         log.info("plugin call order: %s", " -> ".join(r.enabled) or "(none)")
-        for hook in ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_eval"):
+        for hook in ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch", "on_eval"):
             if r.hooks.implemented(hook):
                 log.info("  %s: %s", hook, " -> ".join(r.hooks.implemented(hook)))
         if not resume:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from .config import _short
 from .context import Context
 from .data import Batch
 from .errors import RunFailure
@@ -141,6 +142,21 @@ def as_batch(run, items) -> Batch:
     return Batch(run.to_device(x), y.to(run.device, non_blocking=True), extra)
 
 
+def _epoch_hooks(run, epoch: int, row: dict) -> None:
+    """``on_epoch`` in eval mode without gradients; every value a plugin adds must be a finite number."""
+    before = set(row)
+    was_training = run.model.training
+    run.model.eval()
+    with torch.no_grad():
+        run.hooks.call("on_epoch", model=run.model, ctx=Context(run=run, epoch=epoch), metrics=row)
+    run.model.train(was_training)
+    for key in set(row) - before:
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RunFailure(f"on_epoch: metrics[{key!r}] must be a finite number; got {_short(value)}")
+        row[key] = float(value)
+
+
 def _write_metrics(path, history: list[dict]) -> None:
     keys: list[str] = []
     for row in history:
@@ -210,6 +226,8 @@ def train(run, resume: bool = False) -> list[dict]:
         row.update({f"loss/{n}": v / steps for n, v in sums.items() if n != "loss"})
         row["val_acc"], _ = domain_accuracy(run, val_loader)
         row["seconds"] = time.perf_counter() - t0
+        if hooks.implemented("on_epoch"):
+            _epoch_hooks(run, epoch, row)
         history.append(row)
         run.log.info("epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)", epoch + 1, cfg.epochs,
                      row["train_loss"], row["train_acc"], row["val_acc"], row["seconds"])

@@ -27,11 +27,17 @@
 Pooling breaks the analytic variance rule: the stem's max-pool and the transitions' 2x2 average pools change
 the variance by amounts that depend on the spatial correlation of their input (an average pool divides white
 noise by 4, a smooth image by about 1). Unchecked, the variance of resnet18's blocks falls 0.83 -> 0.49 ->
-0.16 -> 0.06 from stage to stage on MNIST at 32x32 (timm's nf_resnet26: 3.9 -> 1.5 -> 0.53 -> 0.20). So
-``calibrate`` (default 64) training images set, in depth order, the gain of the stem's last conv and of
+0.16 -> 0.06 from stage to stage on MNIST at 32x32 (timm's nf_resnet26: 3.9 -> 1.5 -> 0.53 -> 0.20). With
+``calibrate: N`` (off by default), N training images set, in depth order, the gain of the stem's last conv and of
 each shortcut conv so that the stem's and every shortcut's output has unit average channel variance on
 them: the expected variance that ``beta`` assumes, data-dependent only at the pooling points (as LSUV, Mishkin
-and Matas 2016, does at every layer). ``calibrate: 0`` keeps timm's analytic initialisation alone.
+and Matas 2016, does at every layer). It is in no reference and lowered accuracy in every setting measured
+(examples/nofrost.yaml), so the default ``calibrate: 0`` keeps timm's analytic initialisation alone.
+
+Whether the residual branches ever turn on: NF blocks start as their skip paths (the last gain is 0) and
+learn slowly. After every epoch (``on_epoch``) the plugin writes, per residual block, the RMS of the
+branch's contribution over the RMS of the skip path on 64 fixed training images
+(``nf/branch_ratio/<block>`` and their mean ``nf/branch_ratio/mean`` in ``metrics.csv``).
 
 Backbones that are already normalizer-free (timm's ``nf_*`` and ``nfnet`` models)
 are kept. Anything else is a UsageError (exit 2).
@@ -92,8 +98,9 @@ class Config(BaseModel):
                             "auto: build where a counterpart exists, else convert")
     alpha: float = Field(0.2, gt=0, description="residual branch scale (convert mode; NF-ResNets use 0.2)")
     target: str | None = Field(None, description="timm NF model to build instead of the mapped counterpart")
-    calibrate: int = Field(64, ge=0, description="training images that set the stem and shortcut gains for unit "
-                                                    "variance after pooling (convert mode; 0: off)")
+    calibrate: int = Field(0, ge=0, description="training images that set the stem and shortcut gains for unit "
+                                                   "variance after pooling (convert mode; 0: off, the default: "
+                                                   "it is in no reference and hurt in every measured setting)")
     agc: float | None = Field(None, gt=0, description="adaptive gradient clipping factor (null: off)")
     agc_eps: float = Field(1e-3, gt=0, description="AGC's floor on the parameter norm")
 
@@ -506,6 +513,52 @@ def _build(target: str, run, cfg: Config) -> nn.Module:
     run.log.info("nf: %s built as timm's %s", run.config.model.name, target)
     _maybe_agc(model, run, cfg)
     return model
+
+
+def _skip(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The skip path's output of an NF block on input ``h`` (normlab's NFBlock or timm's NormFreeBlock)."""
+    if isinstance(block, NFBlock):
+        return block.shortcut(h, block.act_in(h) / block.beta)
+    return h if block.downsample is None else block.downsample(block.act1(h) * block.beta)
+
+
+@torch.no_grad()
+def branch_ratios(backbone: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Per residual block: RMS(output - skip) / RMS(skip) on ``images`` (normalised backbone inputs).
+
+    0 at initialisation (the branch's last gain is 0); how far each branch has turned on since.
+    """
+    blocks = [(n, m) for n, m in backbone.named_modules() if isinstance(m, NFBlock)
+              or type(m).__name__ == "NormFreeBlock"]
+    ratios: dict[str, float] = {}
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            skip = _skip(mod, inputs[0]).float()
+            branch = output.float() - skip
+            ratios[name] = float(branch.pow(2).mean().sqrt() / skip.pow(2).mean().sqrt().clamp_min(1e-12))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in blocks]
+    try:
+        backbone(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return ratios
+
+
+@hookimpl
+def on_epoch(model, ctx, metrics):
+    run = ctx.run
+    probe = run.state.get("nf_probe")
+    if probe is None:  # 64 fixed training images, drawn with the run's seed
+        probe = run.state["nf_probe"] = run.to_device(calibration_images(run, 64))
+    ratios = branch_ratios(model.backbone, probe)
+    for name, r in ratios.items():
+        metrics[f"nf/branch_ratio/{name}"] = r
+    if ratios:
+        metrics["nf/branch_ratio/mean"] = sum(ratios.values()) / len(ratios)
 
 
 def is_normalizer_free_name(name: str) -> bool:
