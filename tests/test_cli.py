@@ -1,6 +1,7 @@
 """Bad input exits 2 with one line naming the file, key and expectation, and writes nothing."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +44,17 @@ BAD = {
     "absurd epochs": ("train: {epochs: 1000000000}", r"run.yaml: train.epochs: Input should be less than or equal to 100000"),
     "seed beyond numpy": ("seed: 4294967296", r"run.yaml: seed: Input should be less than or equal to 4294967295"),
     "zero std": ("data: {std: [0.3, 0, 0.3]}", r"run.yaml: data.std: every channel's std must be greater than 0 \(got \[0.3, 0.0, 0.3\]\)"),
+    "infinite plugin setting": ("plugins: {advbn: {step_size: .inf}}",
+                                r"run.yaml: plugins.advbn.step_size: expected a finite number \(got inf\)"),
+    "infinite plugin setting (augmix)": ("plugins: {augmix: {alpha: .inf}}",
+                                         r"run.yaml: plugins.augmix.alpha: expected a finite number \(got inf\)"),
+    "bnrect asks more samples than a domain offers": (
+        "adapt_samples: 16\nplugins: {bnrect: {n_samples: 32}}",
+        r"run.yaml: plugins.bnrect.n_samples: expected at most adapt_samples \(16\).*got 32"),
+    "bnrect per_batch on the clean domain": ("plugins: {bnrect: {per_batch: true, domains: [clean]}}",
+                                             r"run.yaml: plugins.bnrect.domains: per_batch re-estimates on every batch"),
+    "cifar stem on a vision transformer": ("model: {name: vit_tiny_patch16_224, stem: cifar, kwargs: {img_size: 32}}",
+                                           r"run.yaml: model.stem: 'cifar' is defined for timm ResNet.*VisionTransformer"),
     "n_train below batch_size": ("data: {n_train: 32, batch_size: 128}",
                                  r"run.yaml: \(top level\): data.n_train \(32\) is smaller than data.batch_size \(128\)"),
 }
@@ -109,6 +121,26 @@ def test_hostile_set_values_exit_2_with_one_short_line(item, pattern, tmp_path, 
     assert len(lines[0]) < 400, lines[0][:400]
     assert re.search(pattern, lines[0]), lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_or_not_writable_exits_2(tmp_path, write_yaml, capsys):
+    path = write_yaml("seed: 0")
+    afile = tmp_path / "results.txt"
+    afile.write_text("keep me")
+    code, _, err = run_cli(["run", path, "--out", afile], capsys)
+    assert code == 2 and re.search(r"--out .*results.txt: expected a directory; a file of that name exists", err)
+    code, _, err = run_cli(["run", path, "--out", afile / "run"], capsys)
+    assert code == 2 and "is not a writable directory" in err and afile.read_text() == "keep me"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions
+            pytest.skip("running as root: a read-only directory is writable")
+        code, _, err = run_cli(["run", path, "--out", locked / "run"], capsys)
+        assert code == 2 and f"{locked} is not a writable directory" in err
+    finally:
+        locked.chmod(0o700)
 
 
 def test_yaml_python_tag_is_not_executed(tmp_path, write_yaml, capsys):

@@ -9,6 +9,7 @@ evaluator its own (``evaluate: {name: {...}}``).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -339,11 +340,31 @@ def _owner(model: Any, loc: tuple) -> Any:
 
 
 def validate_section(model: type[BaseModel], data: Any, source: str, prefix: str) -> BaseModel:
-    """Validate one plugin's or evaluator's settings; errors name ``prefix`` as the key path."""
+    """Validate one plugin's or evaluator's settings; errors name ``prefix`` as the key path.
+
+    A non-finite number (``.inf``, ``.nan``) anywhere in the validated settings is refused, whether or
+    not the plugin's model says so: no method setting means anything at infinity.
+    """
     try:
-        return model.model_validate(data or {})
+        out = model.model_validate(data or {})
     except ValidationError as e:
         raise UsageError(format_validation_error(source, e, prefix, model)) from None
+    bad = _non_finite(out.model_dump() if isinstance(out, BaseModel) else out, prefix)
+    if bad is not None:
+        raise UsageError(f"{source}: {bad[0]}: expected a finite number (got {bad[1]})")
+    return out
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """The first (dotted path, value) of a non-finite float in nested dicts and lists, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}")
+        if found is not None:
+            return found
+    return None
 
 
 def load_run_file(path: str | Path, overrides: Sequence[str] = ()) -> tuple[RunConfig, dict]:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
 import time
 from datetime import datetime
@@ -286,6 +287,11 @@ def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
         stem = Path(source).stem if source != "config" else "run"
         out = Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: expected a directory; a file of that name exists")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
     if resume:
         if not (out / "run.yaml").is_file():
             raise UsageError(f"--out {out}: no run to resume there (run.yaml is missing)")
