@@ -55,6 +55,9 @@ BAD = {
                                              r"run.yaml: plugins.bnrect.domains: per_batch re-estimates on every batch"),
     "cifar stem on a vision transformer": ("model: {name: vit_tiny_patch16_224, stem: cifar, kwargs: {img_size: 32}}",
                                            r"run.yaml: model.stem: 'cifar' is defined for timm ResNet.*VisionTransformer"),
+    "drop rate above 1": ("model: {kwargs: {drop_rate: 1.5}}",
+                          r"run.yaml: model.kwargs: drop_rate is a probability: expected a number in \[0, 1\), got 1.5"),
+    "kwargs the model rejects": ("model: {kwargs: {colour: 3}}", r"run.yaml: model.kwargs: .*colour"),
     "n_train below batch_size": ("data: {n_train: 32, batch_size: 128}",
                                  r"run.yaml: \(top level\): data.n_train \(32\) is smaller than data.batch_size \(128\)"),
 }

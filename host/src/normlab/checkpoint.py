@@ -114,6 +114,7 @@ def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"epoch-{epoch:04d}"
+    remove_partial(run_dir)  # folders a kill or a full disk left half-written
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".epoch-{epoch:04d}."))
     save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
     state: dict[str, Any] = {"epoch": epoch, "rng": rng_state(), **(extra or {})}
@@ -134,14 +135,25 @@ def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer
     return final
 
 
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete the temporary ``.epoch-*`` folders of checkpoints that were never completed; return them."""
+    gone = sorted((Path(run_dir) / "checkpoints").glob(".epoch-*"))
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "last.json"
     if not pointer.is_file():
         return None
     try:
         name = json.loads(pointer.read_text())["dir"]
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(f"{pointer}: not a normlab checkpoint pointer") from None
+        if not isinstance(name, str) or not name.startswith("epoch-") or "/" in name or "\\" in name:
+            raise TypeError(name)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UsageError(f"{pointer}: not a normlab checkpoint pointer (expected {{\"dir\": \"epoch-NNNN\", "
+                         f"\"epoch\": N}})") from None
     path = pointer.parent / name
     return path if (path / "model.safetensors").is_file() else None
 
@@ -152,22 +164,63 @@ def latest_model_file(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
-    """Restore model, optimizer, scheduler and RNG from the last checkpoint; return its state.json."""
+    """Restore model, optimizer, scheduler and RNG from the last checkpoint; return its state.json.
+
+    Every problem is a UsageError of one line naming the file that is bad: a state.json that is not
+    the expected object, model weights whose tensor names or shapes do not fit the model built from
+    run.yaml (named), an unreadable (truncated) safetensors file.
+    """
     ckpt = last_checkpoint(run_dir)
     if ckpt is None:
         raise UsageError(f"{run_dir}: no checkpoint to resume from (checkpoints/last.json)")
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-        missing, unexpected = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-    except Exception as e:
-        raise UsageError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if missing or unexpected:
-        raise UsageError(f"{ckpt}/model.safetensors: does not fit the model built from run.yaml "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    state = _read_state(ckpt / "state.json")
+    weights = _read_tensors(ckpt / "model.safetensors")
+    problem = state_dict_mismatch(model.state_dict(), weights)
+    if problem:
+        raise UsageError(f"{ckpt}/model.safetensors: does not fit the model built from run.yaml: {problem}")
+    model.load_state_dict(weights, strict=True)
     if optimizer is not None and "optimizer" in state:
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+        tensors = _read_tensors(ckpt / "optimizer.safetensors")
+        try:
+            optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UsageError(f"{ckpt}/optimizer.safetensors: does not fit the optimizer of run.yaml "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    try:
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UsageError(f"{ckpt}/state.json: wrong scheduler or RNG state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})") from None
     return state
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """Which tensors of ``state`` do not fit ``own`` (names and shapes, a few of each); None when all fit."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and own[k].shape != state[k].shape]
+    parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                 ("of the wrong shape, saved vs model", shapes)) if keys]
+    return "; ".join(parts) or None
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or not isinstance(state.get("rng"), dict):
+        raise UsageError(f"{path}: expected an object with an integer `epoch` and an `rng` mapping")
+    return state
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise UsageError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is "
+                         f"truncated or corrupt") from None

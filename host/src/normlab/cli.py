@@ -103,16 +103,9 @@ def _plugins(as_json: bool) -> int:
 
 
 def _results(run_dir: str) -> dict:
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise UsageError(f"{run_dir}: no results.json (not a finished normlab run)")
-    try:
-        results = json.loads(path.read_text())
-    except ValueError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
-        raise UsageError(f"{path}: no `metrics` object")
-    return results
+    from .results import read_results
+
+    return read_results(run_dir)
 
 
 def _show(run_dir: str, everything: bool) -> int:
@@ -173,11 +166,23 @@ def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None) -> 
     return EXIT_OK
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is now (a captured or replaced stream, not the one at creation)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = logging.getLogger("normlab")  # our messages only, not every library's INFO lines
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("normlab: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

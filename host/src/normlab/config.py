@@ -60,6 +60,16 @@ class ModelConfig(Strict):
         None, description="a robustbench zoo model as the backbone instead of a timm model (name, pretrained and "
                           "kwargs then stay at their defaults; the model normalises its [0, 1] inputs itself)")
 
+    @field_validator("kwargs")
+    @classmethod
+    def _rates_are_probabilities(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """timm's dropout-like rates (``drop_rate``, ``drop_path_rate``, ...) are probabilities in [0, 1)."""
+        for key, rate in v.items():
+            if key.endswith("drop_rate") or key.endswith("drop_path_rate") or key == "drop_block_rate":
+                if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+                    raise ValueError(f"{key} is a probability: expected a number in [0, 1), got {_short(rate)}")
+        return v
+
     @field_validator("robustbench")
     @classmethod
     def _robustbench_replaces_timm(cls, v: RobustbenchModel | None, info: ValidationInfo) -> RobustbenchModel | None:

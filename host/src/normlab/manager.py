@@ -32,6 +32,21 @@ log = logging.getLogger("normlab")
 CHAINED = {"on_model": "model", "on_batch_norm": "module", "on_feature": "feature", "on_batch": "batch"}
 
 
+def _expected_returns() -> dict[str, tuple[str, Callable[[Any], bool]]]:
+    """What each hook may return besides None (imported on first use: torch is not needed to list plugins)."""
+    import torch
+
+    from .data import Batch
+
+    return {
+        "on_model": ("a torch.nn.Module (the backbone)", lambda v: isinstance(v, torch.nn.Module)),
+        "on_batch_norm": ("a torch.nn.Module (the replacement layer)", lambda v: isinstance(v, torch.nn.Module)),
+        "on_feature": ("a torch.Tensor (the replacement feature)", lambda v: isinstance(v, torch.Tensor)),
+        "on_batch": ("a normlab.data.Batch", lambda v: isinstance(v, Batch)),
+        "on_domain": ("a zero-argument callable that undoes the adaptation", callable),
+    }
+
+
 @dataclasses.dataclass
 class PluginInfo:
     """An installed plugin as discovered: what ``normlab plugins`` lists."""
@@ -133,6 +148,7 @@ class Hooks:
         self.pm.check_pending()
         rank = {n: i for i, n in enumerate(self.order)}
         self._impls: dict[str, list[tuple[str, Callable, tuple[str, ...]]]] = {}
+        self._returns: dict[str, tuple[str, Callable[[Any], bool]]] | None = None
         for hook_name in CHAINED.keys() | {"on_loss", "on_domain", "on_epoch", "on_eval"}:
             impls = getattr(self.pm.hook, hook_name).get_hookimpls()
             impls = sorted(impls, key=lambda i: rank[i.plugin_name])
@@ -144,11 +160,19 @@ class Hooks:
 
     def _invoke(self, hook_name: str, plugin: str, fn: Callable, argnames, kwargs: dict) -> Any:
         try:
-            return fn(*[kwargs[a] for a in argnames])
+            out = fn(*[kwargs[a] for a in argnames])
         except (RunFailure, UsageError, KeyboardInterrupt):
             raise
         except Exception as e:
             raise PluginError(plugin, hook_name, e) from e
+        if out is not None:
+            if self._returns is None:
+                self._returns = _expected_returns()
+            expected = self._returns.get(hook_name)
+            if expected is not None and not expected[1](out):
+                raise RunFailure(f"plugin {plugin!r} returned {type(out).__name__} from {hook_name}; expected "
+                                 f"{expected[0]} or None")
+        return out
 
     def call(self, hook_name: str, **kwargs: Any) -> Any:
         """Call a hook; chained hooks return the final value, others the list of non-None results."""

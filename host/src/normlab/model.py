@@ -234,13 +234,9 @@ def _target(model: NormlabNet, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def weights_mismatch(model: NormlabNet, state: dict[str, torch.Tensor]) -> str | None:
     """Why a normlab (``backbone.*``) or plain timm state dict does not fit ``model``; None when it fits."""
-    own = _target(model, state).state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
-             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-    return "; ".join(parts) or None
+    from .checkpoint import state_dict_mismatch
+
+    return state_dict_mismatch(_target(model, state).state_dict(), state)
 
 
 def load_weights(model: NormlabNet, state: dict[str, torch.Tensor], source: str, key: str) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,12 +29,13 @@ from .checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
 from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
 from .context import Context
 from .data import DataBundle, build_data, fixed_order, take
-from .errors import UsageError
+from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .manager import Hooks, PluginInfo, discover, inspect_plugin
 from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
                     set_trainable, weights_mismatch)
 from .plots import training_curves
+from .results import read_results
 from .train import train
 
 __all__ = ["Run", "RunResult", "prepare", "run", "evaluate", "load_model"]
@@ -280,6 +282,49 @@ def _load_config(config: str | Path | Mapping | RunConfig, overrides: Sequence[s
     return cfg, str(config)
 
 
+LOCK = ".lock"  # in the run directory: holds the pid of the process using it, under an exclusive flock
+
+
+def _try_lock(run_dir: Path) -> int | str:
+    """Take the run directory's exclusive lock; return its fd, or the holder's pid (a str) if it is held."""
+    import fcntl
+
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return holder
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path, what: str) -> Iterator[None]:
+    """Hold the run directory's lock for the block; a second process exits 2 naming the holder's pid."""
+    got = _try_lock(run_dir)
+    if isinstance(got, str):
+        raise UsageError(f"{what} {run_dir}: another normlab process (pid {got}) is using this run directory; "
+                         f"wait for it to finish")
+    try:
+        yield
+    finally:
+        os.close(got)  # releases the flock
+
+
+def _holder(run_dir: Path) -> str | None:
+    """The pid holding ``run_dir``'s lock, or None (checked without keeping the lock)."""
+    if not (run_dir / LOCK).is_file():
+        return None
+    got = _try_lock(run_dir)
+    if isinstance(got, str):
+        return got
+    os.close(got)
+    return None
+
+
 def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
     if out is None:
         if resume:
@@ -292,10 +337,14 @@ def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
+    holder = _holder(out) if out.is_dir() else None
+    if holder is not None:
+        raise UsageError(f"--out {out}: another normlab process (pid {holder}) is using this run directory; "
+                         f"wait for it to finish")
     if resume:
         if not (out / "run.yaml").is_file():
             raise UsageError(f"--out {out}: no run to resume there (run.yaml is missing)")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise UsageError(f"--out {out}: the directory exists and is not empty; pass --resume to continue "
                          f"that run or choose another directory")
     return out
@@ -339,22 +388,52 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
         _check_resume(r, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     r.dir = run_dir
-    handler = _setup_logging(run_dir)
-    try:
-        log.info("plugin call order: %s", " -> ".join(r.enabled) or "(none)")
-        for hook in ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch", "on_eval"):
-            if r.hooks.implemented(hook):
-                log.info("  %s: %s", hook, " -> ".join(r.hooks.implemented(hook)))
-        if not resume:
+    with _locked(run_dir, "--out"):
+        if not resume:  # first, so that a run killed at any later point can be resumed
             write_text_atomic(run_dir / "run.yaml",
                               yaml.safe_dump({**r.resolved(), "versions": r.versions()}, sort_keys=False))
-        t0 = time.perf_counter()
-        history = train(r, resume=resume)
-        timing = {"train": time.perf_counter() - t0}
-        training_curves(history, run_dir / "plots" / "training.png")
-        report = _evaluate(r, timing)
-        _write_results(r, report, timing)
-        return RunResult(run_dir, report.metrics, r.model, history)
+        with _logged(run_dir):
+            return _train_and_evaluate(r, resume)
+
+
+def _train_and_evaluate(r: Run, resume: bool) -> RunResult:
+    run_dir = r.dir
+    log.info("plugin call order: %s", " -> ".join(r.enabled) or "(none)")
+    for hook in ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch",
+                 "on_eval"):
+        if r.hooks.implemented(hook):
+            log.info("  %s: %s", hook, " -> ".join(r.hooks.implemented(hook)))
+    t0 = time.perf_counter()
+    history = train(r, resume=resume)
+    timing = {"train": time.perf_counter() - t0}
+    training_curves(history, run_dir / "plots" / "training.png")
+    report = _evaluate(r, timing)
+    _write_results(r, report, timing)
+    return RunResult(run_dir, report.metrics, r.model, history)
+
+
+@contextlib.contextmanager
+def _logged(run_dir: Path) -> Iterator[None]:
+    """log.txt for the block; it ends with the failure message when the block fails."""
+    handler = _setup_logging(run_dir)
+
+    def last_words(msg: str, exc_info=None) -> None:  # to log.txt only: the CLI prints its own line
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, exc_info))
+
+    try:
+        yield
+    except UsageError as e:
+        last_words(f"error: {e}")
+        raise
+    except RunFailure as e:
+        last_words(f"run failed: {e}")
+        raise
+    except KeyboardInterrupt:
+        last_words("interrupted; continue with --resume")
+        raise
+    except Exception as e:
+        last_words(f"failed: {type(e).__name__}: {e}", sys.exc_info())
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -380,7 +459,7 @@ def _evaluate(r: Run, timing: dict, name: str | None = None) -> Report:
 def _write_results(r: Run, report: Report, timing: dict) -> None:
     """Merge into results.json: metrics and records of earlier evaluations stay unless recomputed."""
     path = r.dir / "results.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous = read_results(r.dir, required=False)
     write_json_atomic(path, {
         "metrics": {**previous.get("metrics", {}), **report.metrics},
         "timing": {**previous.get("timing", {}), **timing},
@@ -415,15 +494,12 @@ def evaluate(run_dir: str | Path, *, overrides: Sequence[str] = (), plugins: Map
     if name is not None and (not name or "/" in name):
         raise UsageError(f"--as {name!r}: expected a name without '/'")
     r = _from_run_dir(run_dir, overrides, plugins, quiet)
-    handler = _setup_logging(r.dir)
-    try:
+    read_results(r.dir, required=False)  # a corrupt results.json is refused before the evaluation, not after
+    with _locked(r.dir, "eval"), _logged(r.dir):
         timing: dict = {}
         report = _evaluate(r, timing, name)
         _write_results(r, report, timing)
         return RunResult(r.dir, report.metrics, r.model, [])
-    finally:
-        log.removeHandler(handler)
-        handler.close()
 
 
 def load_model(run_dir: str | Path) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from .checkpoint import last_checkpoint, load_checkpoint, remove_partial, save_checkpoint, write_text_atomic
 from .config import _short
 from .context import Context
 from .data import Batch
@@ -179,10 +179,15 @@ def train(run, resume: bool = False) -> list[dict]:
     sched = build_scheduler(opt, steps_per_epoch, cfg)
     history: list[dict] = []
     start = 0
-    if resume:
+    if resume and last_checkpoint(run.dir) is not None:
         state = load_checkpoint(run.dir, model, opt, sched)
         start, history = state["epoch"], state.get("history", [])
         run.log.info("resuming after epoch %d", start)
+    elif resume:  # stopped before its first checkpoint: the same run from the start
+        run.log.info("no finished epoch to resume from; starting over from epoch 0")
+    if resume:
+        for path in remove_partial(run.dir):
+            run.log.info("removed an incomplete checkpoint: %s", path.name)
     global_step = start * len(loader)
     for epoch in range(start, cfg.epochs):
         loader.sampler.set_epoch(epoch)
