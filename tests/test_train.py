@@ -114,7 +114,10 @@ def test_every_hook_fires_in_order(tiny_config, tmp_path):
     feats = [c for c in calls if c[0] == "on_feature"]
     side = tiny_config["data"]["image_size"] // 4  # resnet18's layer1 is at stride 4
     assert feats[0] == ("on_feature", "layer1", (64, 64, side, side))
-    i_dom = calls.index(("on_domain", "clean", 200))
+    # the clean evaluator's domain is the last one (the epoch's validation entered "clean" before);
+    # its samples are the run's adapt_samples (128), whatever the evaluator's n_examples
+    i_dom = len(calls) - 1 - calls[::-1].index(("on_domain", "clean", 128))
+    assert calls.count(("on_domain", "clean", 128)) == 2
     # the clean evaluation (one batch of 200, features included) runs between adaptation and restore
     assert calls[i_dom + 1] == ("on_feature", "layer1", (200, 64, side, side))
     assert calls[i_dom + 2] == ("restore", "clean") and calls[-1] == "on_eval"
