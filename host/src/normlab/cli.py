@@ -1,4 +1,4 @@
-"""``normlab`` command line: run, eval, plugins, show, compare.
+"""``normlab`` command line: run, eval, plugins, new-plugin, show, compare.
 
 Exit status 0 on success, 2 on bad input (one line naming the file, key and
 what was expected), 1 on a failure during the run.
@@ -38,8 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="store the new metrics as NAME/<key> beside the earlier ones")
     e.add_argument("--quiet", action="store_true")
 
-    pl = sub.add_parser("plugins", help="list installed plugins")
+    pl = sub.add_parser("plugins", help="list installed plugins, or show one plugin's settings")
+    pl.add_argument("name", nargs="?", help="a plugin: its hooks and its settings with defaults")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
+
+    n = sub.add_parser("new-plugin", help="write a new plugin package from the template")
+    n.add_argument("name", help="the plugin's run-file name (lower case, digits, underscores)")
+    n.add_argument("--dir", default=".", help="where to create normlab-NAME/ (default: here)")
 
     s = sub.add_parser("show", help="print a run's results table")
     s.add_argument("run_dir")
@@ -79,10 +84,53 @@ def results_table(results: dict, everything: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _plugins(as_json: bool) -> int:
+def _settings(plugin) -> list[dict]:
+    """A plugin's settings from its ``Config``: name, type, default, description."""
+    model = getattr(plugin, "Config", None)
+    if model is None or not hasattr(model, "model_fields"):
+        return []
+    out = []
+    for key, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        ann = field.annotation
+        kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+        out.append({"name": key, "type": kind, "default": default, "description": field.description or ""})
+    return out
+
+
+def _plugins(as_json: bool, name: str | None = None) -> int:
     from .manager import discover
 
-    infos = [i.as_dict() for _, i in sorted(discover().items())]
+    found = discover()
+    if name is not None:
+        if name not in found:
+            from normlab_registry import did_you_mean
+
+            raise UsageError(f"plugins {name}: no installed plugin of that name"
+                             + did_you_mean(name, list(found)) + f"; installed: {', '.join(sorted(found)) or '-'}")
+        info = found[name]
+        record = {**info.as_dict(), "settings": _settings(info.plugin) if info.error is None else []}
+        if as_json:
+            print(json.dumps(record, indent=2, default=str))
+            return EXIT_OK
+        print(f"{name} {record['version'] or ''} ({record['distribution'] or '?'}, {record['package']})")
+        doc = (getattr(info.plugin, "__doc__", None) or "").strip().splitlines()
+        if doc:
+            print(f"  {doc[0]}")
+        if info.error:
+            print(f"  error: {info.error}")
+            return EXIT_OK
+        print(f"  hooks: {', '.join(record['hooks']) or '-'}")
+        settings = record["settings"]
+        if not settings:
+            print("  settings: none")
+        else:
+            print(f"  settings (plugins: {{{name}: {{...}}}}):")
+            width = max(len(f["name"]) for f in settings)
+            for f in settings:
+                print(f"    {f['name']:<{width}}  {f['type']} = {f['default']!r}  {f['description']}")
+        return EXIT_OK
+    infos = [i.as_dict() for _, i in sorted(found.items())]
     if as_json:
         print(json.dumps(infos, indent=2))
         return EXIT_OK
@@ -188,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     try:
         if args.command == "plugins":
-            return _plugins(args.json)
+            return _plugins(args.json, args.name)
+        if args.command == "new-plugin":
+            from .template import new_plugin
+
+            print(f"wrote {new_plugin(args.name, Path(args.dir))}")
+            return EXIT_OK
         if args.command == "show":
             return _show(args.run_dir, args.all)
         if args.command == "compare":

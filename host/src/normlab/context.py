@@ -71,6 +71,10 @@ class Context:
     - ``lam``: per-sample loss weight lambda (N,), or None.
     - ``adv_route``: the route adversarial forwards should use (None: unchanged).
     - ``perturb``: whether a feature perturbation (AdvBN) is active.
+    - ``inner``: True in the forwards of an inner loop, an attack above all (pgd's and
+      advbn's training-time attacks, the attack evaluators): the model is in eval mode with
+      parameter gradients off there, though ``training`` stays True during training, so a
+      training-only plugin (a feature augmentation, a regulariser) checks ``inner`` to skip them.
     """
 
     run: Any = None
@@ -83,6 +87,7 @@ class Context:
     lam: torch.Tensor | None = None
     adv_route: Any = None
     perturb: bool = False
+    inner: bool = False
     features: dict = dataclasses.field(default_factory=dict)
     state: dict = dataclasses.field(default_factory=dict)
 

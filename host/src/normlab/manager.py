@@ -21,7 +21,7 @@ import pluggy
 from . import hookspecs
 from .errors import RunFailure, UsageError
 
-__all__ = ["hookimpl", "PluginInfo", "discover", "Hooks", "ENV_VAR", "GROUP"]
+__all__ = ["hookimpl", "PluginInfo", "discover", "excluded_names", "Hooks", "ENV_VAR", "GROUP"]
 
 GROUP = "normlab"
 ENV_VAR = "NORMLAB_LOAD_PLUGINS"
@@ -109,6 +109,14 @@ def inspect_plugin(name: str, plugin: Any, **meta: Any) -> PluginInfo:
     return info
 
 
+def excluded_names() -> list[str]:
+    """Installed plugin names that NORMLAB_LOAD_PLUGINS leaves out (nothing is imported)."""
+    allowed = allowed_names()
+    if allowed is None:
+        return []
+    return sorted(ep.name for ep in md.entry_points(group=GROUP) if ep.name not in allowed)
+
+
 def discover() -> dict[str, PluginInfo]:
     """Load the plugins installed under the ``normlab`` entry-point group."""
     allowed = allowed_names()
@@ -149,6 +157,7 @@ class Hooks:
         rank = {n: i for i, n in enumerate(self.order)}
         self._impls: dict[str, list[tuple[str, Callable, tuple[str, ...]]]] = {}
         self._returns: dict[str, tuple[str, Callable[[Any], bool]]] | None = None
+        self.current: str | None = None  # the plugin whose hook is running (for errors that name it)
         for hook_name in CHAINED.keys() | {"on_loss", "on_domain", "on_epoch", "on_eval"}:
             impls = getattr(self.pm.hook, hook_name).get_hookimpls()
             impls = sorted(impls, key=lambda i: rank[i.plugin_name])
@@ -159,12 +168,15 @@ class Hooks:
         return [n for n, _, _ in self._impls[hook_name]]
 
     def _invoke(self, hook_name: str, plugin: str, fn: Callable, argnames, kwargs: dict) -> Any:
+        self.current = plugin
         try:
             out = fn(*[kwargs[a] for a in argnames])
         except (RunFailure, UsageError, KeyboardInterrupt):
             raise
         except Exception as e:
             raise PluginError(plugin, hook_name, e) from e
+        finally:
+            self.current = None
         if out is not None:
             if self._returns is None:
                 self._returns = _expected_returns()

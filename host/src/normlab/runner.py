@@ -31,7 +31,7 @@ from .context import Context
 from .data import DataBundle, build_data, fixed_order, take
 from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
-from .manager import Hooks, PluginInfo, discover, inspect_plugin
+from .manager import ENV_VAR, Hooks, PluginInfo, discover, excluded_names, inspect_plugin
 from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
                     set_trainable, weights_mismatch)
 from .plots import training_curves
@@ -71,6 +71,7 @@ class Run:
         self.model: NormlabNet | None = None
         self.dir: Path | None = None
         self.features: list[str] = []
+        self._requested: dict[str, tuple[str | None, str | None]] = {}  # layer -> (plugin, its setting)
         self.trainable: list[str] | None = None
         self.state: dict[str, Any] = {}  # plugins' per-run scratch, by plugin name
         # where model.checkpoint was loaded: "before" the plugins' on_model/on_batch_norm (into the plain
@@ -82,10 +83,16 @@ class Run:
         """The validated settings of plugin ``name`` (its ``Config`` instance, or a dict)."""
         return self.plugin_configs[name]
 
-    def request_feature(self, layer: str) -> None:
-        """Ask for ``on_feature`` calls with the output of backbone layer ``layer``."""
+    def request_feature(self, layer: str, key: str | None = None) -> None:
+        """Ask for ``on_feature`` calls with the output of backbone layer ``layer``.
+
+        ``key`` names the plugin setting the layer came from (``layer`` for ``plugins.NAME.layer``), so
+        that a layer the backbone lacks is reported against it. Every plugin that implements
+        ``on_feature`` receives every requested layer: check ``name``.
+        """
         if layer not in self.features:
             self.features.append(layer)
+        self._requested.setdefault(layer, (self.hooks.current, key))
 
     def train_only(self, prefixes: Sequence[str]) -> None:
         """Suggest which backbone parameters train (a run file's ``model.trainable`` wins)."""
@@ -184,7 +191,11 @@ class Run:
         names = dict(self.model.backbone.named_modules())
         for layer in self.features:
             if layer not in names:
-                raise UsageError(f"{self.source}: a plugin asked for layer {layer!r}, which the backbone lacks")
+                plugin, key = self._requested.get(layer, (None, None))
+                where = f"plugins.{plugin}" + (f".{key}" if key else "") if plugin else "a plugin"
+                tops = ", ".join(n for n in names if n and "." not in n)
+                raise UsageError(f"{self.source}: {where}: asked for backbone layer {layer!r}, which "
+                                 f"{self.config.model.name} lacks (its top-level layers: {tops})")
             names[layer].register_forward_hook(_FeatureHook(layer, self.hooks))
 
     def versions(self) -> dict:
@@ -245,6 +256,10 @@ def prepare(config: RunConfig, source: str, extra_plugins: Mapping[str, Any] | N
     specs = {n: PluginSpec(n, requires=i.requires, conflicts=i.conflicts, distribution=i.distribution,
                            after=i.after, error=i.error, extra={"conflict_reasons": i.conflict_reasons})
              for n, i in installed.items()}
+    left_out = [n for n in config.plugins if n not in installed and n in excluded_names()]
+    if left_out:
+        raise UsageError(f"{source}: plugins: {left_out[0]!r} is installed, but {ENV_VAR}="
+                         f"{os.environ.get(ENV_VAR)!r} leaves it out; add it to {ENV_VAR} or unset the variable")
     try:
         enabled = resolve(list(config.plugins), specs)
     except ResolutionError as e:

@@ -283,7 +283,8 @@ def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: s
                 idx = correct.nonzero().flatten()
                 if idx.numel():
                     xc, yc = x[idx], y[idx]
-                    x_adv = attack(xc, yc).detach().to(xc.dtype)
+                    with ctx.using(inner=True):
+                        x_adv = attack(xc, yc).detach().to(xc.dtype)
                     _check_budget(name, xc, x_adv, norm, eps)
                     still = _predict(model, x_adv) == yc
                     if count_if is not None:

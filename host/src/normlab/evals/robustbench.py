@@ -303,7 +303,7 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
                 clean = _accuracy(model, x, y, cfg.batch_size, run.device, "robustbench clean", run.quiet)
                 if norm is not None:
                     adversary = _autoattack(model, run, cfg, norm, eps, seed)
-                    with torch.no_grad():
+                    with torch.no_grad(), ctx.using(inner=True):
                         x_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size)
                     x_adv = x_adv[0] if isinstance(x_adv, tuple) else x_adv  # see adapter_problem()
                     adv = _accuracy(model, x_adv, y, cfg.batch_size, run.device, "robustbench adv", run.quiet)

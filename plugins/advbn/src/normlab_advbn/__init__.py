@@ -109,7 +109,7 @@ def attack(tail, f: torch.Tensor, y: torch.Tensor, steps: int, step_size: float,
 
 def adversarial_features(model, split: Split, f: torch.Tensor, y: torch.Tensor, cfg: Config, clamp: bool, ctx):
     """The attacked features: tail in eval mode through the aux BNs, no parameter gradients."""
-    with attack_mode(model), ctx.using(route="aux", perturb=True):
+    with attack_mode(model), ctx.using(route="aux", perturb=True, inner=True):
         mu, d_sigma, d_mu = attack(split.tail, f, y, cfg.steps, cfg.step_size, cfg.eps, clamp)
     return perturb(f.detach().float(), mu, d_sigma, d_mu, clamp)
 
@@ -138,7 +138,7 @@ def on_model(model, run):
     tail = [p for p in split.tail_prefixes() if any(_under(n, [p]) for n in params)]
     st = _state(run)
     st.update(layer=cfg.layer, tail=split.tail_prefixes(), clamp=None if cfg.clamp == "auto" else cfg.clamp)
-    run.request_feature(cfg.layer)
+    run.request_feature(cfg.layer, key="layer")
     if cfg.train == "tail":
         run.train_only(tail)
     return None

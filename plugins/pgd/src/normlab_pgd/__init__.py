@@ -141,7 +141,7 @@ def adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx, c
     if cfg.steps == 0 or cfg.eps == 0:
         return x.detach()
     with seeded(x.device, attack_seed(ctx.run, ctx.step)), attack_mode(model), \
-            torch.autocast(x.device.type, enabled=False), ctx.active():
+            torch.autocast(x.device.type, enabled=False), ctx.using(inner=True):
         x_adv = make_attack(model, cfg, x.device)(x.detach().float(), y)
     return x_adv.detach().to(x.dtype)
 
