@@ -299,6 +299,7 @@ class CorruptionCache:
         h, w, c = self.source.shape
         return {"layout": LAYOUT, "dataset": self.dataset, "folder": self.folder, "images": self.source.n,
                 "rows_per_severity": self.rows, "height": h, "width": w, "channels": c, "seed": SEED,
+                "impulse_noise": "seeded per image",  # caches from before were not reproducible: rebuilt
                 "order": "torch.randperm(images, generator seeded 0), as DataBundle.loader draws n_examples"}
 
     def meta(self) -> dict:
