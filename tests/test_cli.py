@@ -267,3 +267,21 @@ def test_hook_wrappers_are_rejected_with_the_plugin_named():
     info = inspect_plugin("wrap", Wrapper())
     assert info.error == ("invalid plugin: ValueError: on_batch: hook wrappers are not supported "
                           "(the host calls hooks in order)")
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("trian: {epochs: 3}", r"trian: unknown key \(did you mean 'train'\?\)"),
+    ("plugins: {advnb: {}}", r"plugins: unknown plugin 'advnb' \(did you mean 'advbn'\?\)"),
+    ("plugins: [slim]", r"plugins: plugin 'slim' is not installed; install it with: pip install normlab-slim"),
+])
+def test_bad_run_files_are_refused_before_torch_is_imported(text, pattern, tmp_path):
+    """Issue 16: the run file and the plugin names are checked from metadata, so refusing is fast."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    probe = ("import sys, normlab.cli as c\ncode = c.main(['run', sys.argv[1], '--out', sys.argv[2]])\n"
+             "print('torch' in sys.modules, file=sys.stderr)\nsys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", probe, str(path), str(tmp_path / "o")], capture_output=True,
+                          text=True, env=subprocess_env())
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1] == "False", proc.stderr[-2000:]
+    assert len(lines) == 2 and re.search(pattern, lines[0]), lines

@@ -214,6 +214,31 @@ def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None) -> 
     return EXIT_OK
 
 
+def precheck(path: str, overrides: list[str]) -> None:
+    """What can be checked without torch: the run file and its overrides, and the plugin names.
+
+    The names are resolved against the installed entry points' metadata (nothing is imported), so
+    an unknown, uninstalled or excluded plugin is refused with the same line the full check gives;
+    requirements, conflicts and every plugin's settings are checked by :func:`normlab.runner.prepare`.
+    """
+    import importlib.metadata as md
+
+    from normlab_registry import PluginSpec, ResolutionError, resolve
+
+    from .config import load_run_file
+    from .manager import GROUP, refuse_excluded
+
+    cfg, _ = load_run_file(path, overrides)
+    if not cfg.plugins:
+        return
+    refuse_excluded(list(cfg.plugins), path)
+    names = {ep.name for ep in md.entry_points(group=GROUP)}
+    try:
+        resolve(list(cfg.plugins), {n: PluginSpec(n) for n in names})
+    except ResolutionError as e:
+        raise UsageError(f"{path}: plugins: {e}") from None
+
+
 class _Stderr(logging.StreamHandler):
     """A handler on whatever ``sys.stderr`` is now (a captured or replaced stream, not the one at creation)."""
 
@@ -246,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show(args.run_dir, args.all)
         if args.command == "compare":
             return _compare(args.run_dirs, args.keys, args.plot)
+        if args.command == "run":
+            precheck(args.file, args.overrides)  # before torch is imported: bad input is refused in well under 1 s
         from . import runner
 
         quiet = True if args.quiet else None

@@ -21,7 +21,7 @@ import pluggy
 from . import hookspecs
 from .errors import RunFailure, UsageError
 
-__all__ = ["hookimpl", "PluginInfo", "discover", "excluded_names", "Hooks", "ENV_VAR", "GROUP"]
+__all__ = ["hookimpl", "PluginInfo", "discover", "refuse_excluded", "Hooks", "ENV_VAR", "GROUP"]
 
 GROUP = "normlab"
 ENV_VAR = "NORMLAB_LOAD_PLUGINS"
@@ -109,12 +109,16 @@ def inspect_plugin(name: str, plugin: Any, **meta: Any) -> PluginInfo:
     return info
 
 
-def excluded_names() -> list[str]:
-    """Installed plugin names that NORMLAB_LOAD_PLUGINS leaves out (nothing is imported)."""
+def refuse_excluded(requested, source: str) -> None:
+    """A UsageError if a requested plugin is installed but NORMLAB_LOAD_PLUGINS leaves it out (metadata only)."""
     allowed = allowed_names()
     if allowed is None:
-        return []
-    return sorted(ep.name for ep in md.entry_points(group=GROUP) if ep.name not in allowed)
+        return
+    installed = {ep.name for ep in md.entry_points(group=GROUP)}
+    left_out = [n for n in requested if n in installed and n not in allowed]
+    if left_out:
+        raise UsageError(f"{source}: plugins: {left_out[0]!r} is installed, but {ENV_VAR}="
+                         f"{os.environ.get(ENV_VAR)!r} leaves it out; add it to {ENV_VAR} or unset the variable")
 
 
 def discover() -> dict[str, PluginInfo]:

@@ -31,7 +31,7 @@ from .context import Context
 from .data import DataBundle, build_data, fixed_order, take
 from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
-from .manager import ENV_VAR, Hooks, PluginInfo, discover, excluded_names, inspect_plugin
+from .manager import Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
 from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
                     set_trainable, weights_mismatch)
 from .plots import training_curves
@@ -256,10 +256,7 @@ def prepare(config: RunConfig, source: str, extra_plugins: Mapping[str, Any] | N
     specs = {n: PluginSpec(n, requires=i.requires, conflicts=i.conflicts, distribution=i.distribution,
                            after=i.after, error=i.error, extra={"conflict_reasons": i.conflict_reasons})
              for n, i in installed.items()}
-    left_out = [n for n in config.plugins if n not in installed and n in excluded_names()]
-    if left_out:
-        raise UsageError(f"{source}: plugins: {left_out[0]!r} is installed, but {ENV_VAR}="
-                         f"{os.environ.get(ENV_VAR)!r} leaves it out; add it to {ENV_VAR} or unset the variable")
+    refuse_excluded([n for n in config.plugins if n not in installed], source)
     try:
         enabled = resolve(list(config.plugins), specs)
     except ResolutionError as e:
