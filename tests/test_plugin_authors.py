@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
 import sys
 
 import pytest
 
 import normlab
-from conftest import subprocess_env
 from normlab import hookimpl
 from normlab.cli import main
 from normlab.errors import UsageError
@@ -40,9 +39,17 @@ def test_new_plugin_writes_a_package_that_passes_its_own_tests(tmp_path, capsys)
     root = tmp_path / "normlab-logit-sq"
     assert code == 0 and out.strip() == f"wrote {root}"
     assert 'logit_sq = "normlab_logit_sq"' in (root / "pyproject.toml").read_text()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")],
-                          cwd=root, env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # its own tests, run here (as pytest would: each test function with a fresh tmp_path)
+    spec = importlib.util.spec_from_file_location("test_logit_sq", root / "tests" / "test_logit_sq.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tests = [name for name in dir(module) if name.startswith("test_")]
+    assert len(tests) == 2
+    for name in tests:
+        (tmp_path / name).mkdir()
+        getattr(module, name)(tmp_path / name)
+    sys.modules.pop("normlab_logit_sq", None)
+    sys.path.remove(str(root / "src"))  # the generated test put it there
     code, _, err = cli(["new-plugin", "logit_sq", "--dir", tmp_path], capsys)
     assert code == 2 and "already exists" in err
     code, _, err = cli(["new-plugin", "Bad-Name", "--dir", tmp_path], capsys)

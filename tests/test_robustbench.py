@@ -116,7 +116,7 @@ BAD = {
     "timm name with robustbench": (
         "model: {name: resnet50, robustbench: {name: Standard}}",
         r"run\.yaml: model\.robustbench: a robustbench zoo model replaces the timm backbone: leave model\.name, "
-        r"model\.pretrained and model\.kwargs at their defaults \(got model\.name='resnet50'\)"),
+        r"model\.pretrained, model\.kwargs and model\.stem at their defaults \(got model\.name='resnet50'\)"),
     "pretrained with robustbench": (
         "model: {pretrained: true, robustbench: {name: Standard}}",
         r"run\.yaml: model\.robustbench: .*\(got model\.pretrained=True\)"),
@@ -325,7 +325,8 @@ def test_bnrect_rectifies_a_zoo_model(model_dir):
     before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
     x = torch.rand(32, 3, 32, 32) * 0.5
     seen = input_batch_stats(model, x)  # independently, from hooks on a train-mode copy
-    undo, used, skipped, n = bnrect.rectify(model, x, bnrect.Config())
+    # the reference code's form (one train-mode forward) is what a train-mode copy's hooks see
+    undo, used, skipped, n = bnrect.rectify(model, x, bnrect.Config(estimate="batch"))
     assert bns and n == 32 and len(used) == len(bns) and not skipped
     for name, m in bns.items():
         torch.testing.assert_close(m.running_mean, seen[name][0], rtol=1e-4, atol=1e-5)
