@@ -26,6 +26,7 @@ CASES = {
     "misspelled top-level key": ["run", "{file}", "--out", "{out}"],
     "bad --set value": ["run", "{good}", "--out", "{out}", "--set", "train.epochs=-1"],
     "unknown plugin": ["run", "{plugin}", "--out", "{out}"],
+    "bad plugin setting": ["run", "{setting}", "--out", "{out}"],
     "plugins listing": ["plugins"],
 }
 
@@ -39,10 +40,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"file": Path(tmp) / "bad.yaml", "good": Path(tmp) / "good.yaml", "plugin": Path(tmp) / "plugin.yaml"}
+        files = {"file": Path(tmp) / "bad.yaml", "good": Path(tmp) / "good.yaml", "plugin": Path(tmp) / "plugin.yaml",
+                 "setting": Path(tmp) / "setting.yaml"}
         files["file"].write_text("trian: {epochs: 3}\n")
         files["good"].write_text("seed: 0\n")
         files["plugin"].write_text("plugins: {advnb: {}}\n")
+        files["setting"].write_text("plugins: {bnrect: {n_smaples: 8}}\n")
         for name, argv in CASES.items():
             times, code, torch_line = [], None, ""
             for _ in range(args.repeats):

@@ -247,8 +247,10 @@ def test_broken_plugin_is_listed_with_its_error_and_named_when_used(tmp_path, mo
     assert "ModuleNotFoundError" in listing["broken"]["error"]
     assert listing["broken"]["distribution"] == "normlab-broken"
     assert "on_los" in listing["badhook"]["error"]
-    code, out, _ = run_cli(["plugins"], capsys)
+    code, out, _ = run_cli(["plugins", "--check"], capsys)
     assert code == 0 and "error: failed to import nl_broken" in out
+    code, out, _ = run_cli(["plugins"], capsys)  # from metadata: listed, not imported
+    assert code == 0 and "broken 9.9 (normlab-broken, nl_broken)" in out and "ModuleNotFoundError" not in out
     path = write_yaml("plugins: [broken]")
     code, _, err = run_cli(["run", path, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "plugin 'broken' is installed but failed to load" in err
@@ -273,6 +275,9 @@ def test_hook_wrappers_are_rejected_with_the_plugin_named():
     ("trian: {epochs: 3}", r"trian: unknown key \(did you mean 'train'\?\)"),
     ("plugins: {advnb: {}}", r"plugins: unknown plugin 'advnb' \(did you mean 'advbn'\?\)"),
     ("plugins: [slim]", r"plugins: plugin 'slim' is not installed; install it with: pip install normlab-slim"),
+    ("plugins: {bnrect: {n_smaples: 8}}", r"plugins.bnrect.n_smaples: unknown key \(did you mean 'n_samples'\?\)"),
+    ("plugins: {pgd: {eps: 8/0}}", r"plugins.pgd.eps: Value error|plugins.pgd.eps: expected a number or a fraction"),
+    ("plugins: {condition: {choices: [2.0]}, pgd: {}}", r"plugins.condition: choices must lie in \[0, 1\]"),
 ])
 def test_bad_run_files_are_refused_before_torch_is_imported(text, pattern, tmp_path):
     """Issue 16: the run file and the plugin names are checked from metadata, so refusing is fast."""

@@ -40,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plugins", help="list installed plugins, or show one plugin's settings")
     pl.add_argument("name", nargs="?", help="a plugin: its hooks and its settings with defaults")
-    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("--json", action="store_true", help="machine-readable output (imports the plugins)")
+    pl.add_argument("--check", action="store_true",
+                    help="import every plugin: its hooks, declarations and import errors (the plain listing "
+                         "reads the installed metadata only, without importing torch)")
 
     n = sub.add_parser("new-plugin", help="write a new plugin package from the template")
     n.add_argument("name", help="the plugin's run-file name (lower case, digits, underscores)")
@@ -98,7 +101,34 @@ def _settings(plugin) -> list[dict]:
     return out
 
 
-def _plugins(as_json: bool, name: str | None = None) -> int:
+def _listing() -> int:
+    """Installed plugins from their entry points' metadata (nothing imported): name, version, distribution."""
+    import importlib.metadata as md
+
+    from normlab_registry import CATALOGUE
+
+    from .manager import GROUP, allowed_names
+
+    allowed = allowed_names()
+    eps = sorted((ep for ep in md.entry_points(group=GROUP) if allowed is None or ep.name in allowed),
+                 key=lambda ep: ep.name)
+    if not eps:
+        print("no plugins installed")
+        return EXIT_OK
+    for ep in eps:
+        dist = getattr(ep, "dist", None)
+        name, version = (dist.metadata["Name"], dist.version) if dist else ("?", "")
+        summary = CATALOGUE[ep.name].summary if ep.name in CATALOGUE else (dist.metadata["Summary"] if dist else "")
+        print(f"{ep.name} {version} ({name}, {ep.value})")
+        if summary:
+            print(f"  {summary}")
+    print("(hooks, declarations and import errors: normlab plugins --check; settings: normlab plugins NAME)")
+    return EXIT_OK
+
+
+def _plugins(as_json: bool, name: str | None = None, check: bool = False) -> int:
+    if name is None and not as_json and not check:
+        return _listing()
     from .manager import discover
 
     found = discover()
@@ -225,18 +255,53 @@ def precheck(path: str, overrides: list[str]) -> None:
 
     from normlab_registry import PluginSpec, ResolutionError, resolve
 
-    from .config import load_run_file
+    from .config import load_run_file, validate_section
     from .manager import GROUP, refuse_excluded
 
     cfg, _ = load_run_file(path, overrides)
     if not cfg.plugins:
         return
     refuse_excluded(list(cfg.plugins), path)
-    names = {ep.name for ep in md.entry_points(group=GROUP)}
+    eps = {ep.name: ep for ep in md.entry_points(group=GROUP)}
     try:
-        resolve(list(cfg.plugins), {n: PluginSpec(n) for n in names})
+        resolve(list(cfg.plugins), {n: PluginSpec(n) for n in eps})
     except ResolutionError as e:
         raise UsageError(f"{path}: plugins: {e}") from None
+    for name, settings in cfg.plugins.items():
+        model = settings_model(eps[name].value)
+        if model is not None:
+            validate_section(model, settings, path, f"plugins.{name}")
+
+
+def settings_model(target: str):
+    """The ``Config`` of a plugin package's ``settings.py``, loaded from its file without the package.
+
+    The convention that makes a plugin's settings checkable before torch is imported: a plugin whose
+    entry point is a package (``normlab_bnrect``) may keep its ``Config`` in ``settings.py`` there,
+    importing nothing but pydantic and typing. None when there is no such file (or it fails to load:
+    the full check after the import reports that).
+    """
+    import importlib.util
+
+    if "." in target or ":" in target:
+        return None
+    try:
+        spec = importlib.util.find_spec(target)  # a top-level name: the package is found, not run
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / "settings.py" if locations else None
+    if path is None or not path.is_file():
+        return None
+    loaded = importlib.util.spec_from_file_location(f"_normlab_settings_{target}", path)
+    module = importlib.util.module_from_spec(loaded)
+    sys.modules[loaded.name] = module  # pydantic resolves the annotations through the module's entry
+    try:
+        loaded.loader.exec_module(module)
+    except Exception:
+        del sys.modules[loaded.name]
+        return None
+    return getattr(module, "Config", None)
 
 
 class _Stderr(logging.StreamHandler):
@@ -261,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     try:
         if args.command == "plugins":
-            return _plugins(args.json, args.name)
+            return _plugins(args.json, args.name, args.check)
         if args.command == "new-plugin":
             from .template import new_plugin
 

@@ -35,18 +35,11 @@ Enable it with ``plugins: {{{name}: {{weight: 0.05}}}}``.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from normlab import UsageError, hookimpl
 
+from .settings import Config
+
 NAME = "{name}"
-
-
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    weight: float = Field(0.05, ge=0, description="weight of the squared-logit term")
-    layer: str | None = Field(None, description="optional: a backbone layer that must exist (an example check)")
 
 
 @hookimpl
@@ -61,6 +54,20 @@ def on_model(model, run):
 def on_loss(batch, model, ctx, terms):
     cfg: Config = ctx.run.plugin_config(NAME)
     terms.add(NAME, batch.logits.float().pow(2).mean(dim=1), cfg.weight)
+'''
+
+SETTINGS = '''"""Settings of {name!r}: pydantic only, so `normlab run` checks them before torch is imported."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(0.05, ge=0, description="weight of the squared-logit term")
+    layer: str | None = Field(None, description="optional: a backbone layer that must exist (an example check)")
 '''
 
 TEST = '''"""Tests of the {name!r} plugin: a tiny run on normlab's embedded data (about 10 s on a laptop CPU)."""
@@ -124,6 +131,7 @@ def new_plugin(name: str, where: Path) -> Path:
         root / "pyproject.toml": PYPROJECT.format(name=name, dash=dash),
         root / "README.md": README.format(name=name, dash=dash),
         root / "src" / f"normlab_{name}" / "__init__.py": MODULE.format(name=name),
+        root / "src" / f"normlab_{name}" / "settings.py": SETTINGS.format(name=name),
         root / "tests" / f"test_{name}.py": TEST.format(name=name),
     }
     for path, text in files.items():

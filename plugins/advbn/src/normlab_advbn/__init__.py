@@ -30,18 +30,16 @@ over channels and layers; the divergence of the paper's section 5.3).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
-
 from normlab import hookimpl
 from normlab.errors import UsageError
 from normlab.evals.attacks import attack_mode
 from normlab.evals.divergence import symmetric_kl
 from normlab.layers import RoutedNorm, Split, as_norm_act, split_points
+from torch import nn
+
+from .settings import Config
 
 requires = ()
 conflicts = ("nf", "condition")
@@ -54,22 +52,6 @@ knobs = ("route",)
 
 ROUTES = ("main", "aux")
 NAME = "advbn"
-
-
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    layer: str = Field("layer1", description="split point: the adversarial features are this layer's output")
-    steps: int = Field(6, ge=1, description="sign-gradient ascent steps on the multipliers")
-    step_size: float = Field(0.2, gt=0, description="tau: the size of each step")
-    eps: float = Field(1.1, ge=0, description="multipliers are clipped to [1 - eps, 1 + eps]")
-    clamp: Literal["auto", True, False] = Field(
-        "auto", description="clamp f_adv at 0 (auto: when the clean feature has no negative entry, i.e. after a ReLU)")
-    samples: Literal["all", "clean"] = Field(
-        "all", description="rows to perturb: all, or the first batch.extra['n_clean'] (AugMix's clean rows)")
-    train: Literal["tail", "all"] = Field("tail", description="which part trains (a run file's model.trainable wins)")
-    weight: float = Field(1.0, ge=0, description="weight of the adversarial CE term")
-    route: Literal["main", "aux", "auto"] = Field("main", description="test-time BN route of the tail")
 
 
 def _state(run) -> dict:

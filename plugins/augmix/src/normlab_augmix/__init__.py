@@ -22,35 +22,18 @@ would be cut into thirds).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.data import Dataset
-
 from normlab import hookimpl
 from normlab.errors import UsageError
 from normlab.layers import RoutedNorm
+from torch.utils.data import Dataset
+
+from .settings import Config
 
 requires = ()
 conflicts = ()
 after = ()
 knobs = ()
-
-
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    views: int = Field(2, ge=1, description="augmented views per image (the paper uses 2 for the JSD loss)")
-    severity: int = Field(3, ge=1, le=10, description="operation strength, 1..10")
-    width: int = Field(3, ge=1, description="augmentation chains mixed per view")
-    depth: int = Field(-1, ge=-1, description="operations per chain; -1 draws 1..3 per chain")
-    alpha: float = Field(1.0, gt=0, description="Dirichlet and Beta parameter of the mixing weights")
-    all_ops: bool = Field(False, description="add colour/contrast/brightness/sharpness (they overlap -C)")
-    loss: Literal["jsd", "ce"] = Field("jsd", description="jsd: CE(clean) + jsd_alpha * JS; ce: CE on every row")
-    jsd_alpha: float = Field(12.0, ge=0, description="weight of the Jensen-Shannon consistency term")
-    split_bn: bool = Field(False, description="separate BN layers for the augmented rows")
-    workers: int = Field(2, ge=0, description="DataLoader worker processes that make the views (0: training thread)")
 
 
 class AugMixViews(Dataset):

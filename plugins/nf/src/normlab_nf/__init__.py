@@ -53,15 +53,14 @@ import copy
 import math
 import re
 from collections import OrderedDict
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
-
 from normlab import hookimpl
 from normlab.errors import UsageError
 from normlab.model import Normalize, small_input_stem
+from torch import nn
+
+from .settings import Config
 
 requires = ()
 conflicts = ("bnrect", "condition", "advbn", "slim")
@@ -89,23 +88,6 @@ SUPPORTED = ("timm ResNets (resnet18/34, resnet*d, resnext*, seresnet18/34, ...:
 ATTN_GAIN = 2.0  # timm NF nets' gain on squeeze-excitation outputs (a sigmoid gate halves the signal)
 STD_CONV_EPS = 1e-5  # timm NF-ResNets' std_conv_eps
 
-
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["auto", "build", "convert"] = Field(
-        "auto", description="build: timm's NF counterpart; convert: in-place conversion of a timm ResNet; "
-                            "auto: build where a counterpart exists, else convert")
-    alpha: float = Field(0.2, gt=0, description="residual branch scale (convert mode; NF-ResNets use 0.2)")
-    target: str | None = Field(None, description="timm NF model to build instead of the mapped counterpart")
-    calibrate: int = Field(0, ge=0, description="training images that set the stem and shortcut gains for unit "
-                                                   "variance after pooling (convert mode; 0: off, the default: "
-                                                   "it is in no reference and hurt in every measured setting)")
-    agc: float | None = Field(None, gt=0, description="adaptive gradient clipping factor (null: off)")
-    agc_eps: float = Field(1e-3, gt=0, description="AGC's floor on the parameter norm")
-
-
-# --- gamma-scaled activations ---------------------------------------------------
 
 def activation_gamma(act: nn.Module) -> float:
     """``1 / std(act(z))`` for z ~ N(0, 1), by quadrature on a fine grid (float64).
