@@ -172,3 +172,16 @@ def test_a_hook_returning_the_wrong_type_names_the_plugin_and_hook(finished, tmp
         normlab.run(cfg, out=tmp_path / "b", plugins={"bad": ReturnsText()}, quiet=True)
     assert (tmp_path / "b" / "log.txt").read_text().strip().splitlines()[-1].endswith(
         "run failed: plugin 'bad' returned str from on_batch; expected a normlab.data.Batch or None")
+
+
+def test_a_run_directory_from_an_earlier_version_resumes(finished, tmp_path):
+    """run.yaml written before a key existed (here: adapt_samples, model.stem) still matches the same run."""
+    import yaml
+
+    cfg, ref = finished
+    d = _copy(ref.dir, tmp_path / "run")
+    saved = yaml.safe_load((d / "run.yaml").read_text())
+    del saved["adapt_samples"], saved["model"]["stem"]
+    (d / "run.yaml").write_text(yaml.safe_dump(saved))
+    res = normlab.run(cfg, out=d, resume=True, overrides=["train.epochs=3"], quiet=True)
+    assert len(res.history) == 3

@@ -363,8 +363,7 @@ def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
 
 
 def _check_resume(run: Run, out: Path) -> None:
-    saved = read_yaml(out / "run.yaml")
-    saved.pop("versions", None)
+    saved = _canonical(run, read_yaml(out / "run.yaml"), f"{out}/run.yaml")
     now = run.resolved()
     for section in ("train",):
         saved.get(section, {}).pop("epochs", None)
@@ -372,6 +371,26 @@ def _check_resume(run: Run, out: Path) -> None:
     if json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise UsageError(f"{out}/run.yaml: the run file differs from the run being resumed (in: {', '.join(diff)})")
+
+
+def _canonical(run: Run, raw: dict, source: str) -> dict:
+    """A saved run.yaml with every default of this version filled in, as :meth:`Run.resolved` writes it.
+
+    A run directory written by an earlier version lacks keys added since (``adapt_samples``, a
+    plugin's new setting); filled with their defaults, it compares equal to the same run now.
+    """
+    raw = {k: v for k, v in raw.items() if k != "versions"}
+    out = parse_run(raw, source).model_dump(mode="json")
+    plugins = out.get("plugins") or {}
+    for name, settings in plugins.items():
+        model = getattr(run.plugins[name].plugin, "Config", None) if name in run.plugins else None
+        if model is not None:
+            plugins[name] = _dump(validate_section(model, settings, source, f"plugins.{name}"))
+    for name, settings in (out.get("evaluate") or {}).items():
+        if name in EVALUATORS:
+            out["evaluate"][name] = _dump(validate_section(EVALUATORS[name].config, settings, source,
+                                                           f"evaluate.{name}"))
+    return out
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
