@@ -11,12 +11,16 @@ lambda:
   clean BN, all others (and every adversarial example) through the adversarial
   one, at training and at test time;
 - **FiLM** (:class:`~normlab.layers.FiLM`) over the encoding ``e(lambda)``, in
-  one of two forms (``film_style``). ``oat`` (default), the paper's code: after
-  the stem's and the blocks' BNs (not the projection shortcuts'), ``x * mu(e) +
+  one of two forms (``film_style``). ``oat``, the paper's code: after the
+  stem's and the blocks' BNs (not the projection shortcuts'), ``x * mu(e) +
   sigma(e)``, ``(mu, sigma)`` the leaky-ReLU'd halves of one leaky-ReLU MLP
-  ``d -> 2C -> 2C``. ``normlab``: after every BN, ``x * (1 + s(e)) + t(e)``
-  from two zero-initialised ReLU MLPs, so training starts from the plain
-  network. The encoding ``e(lambda)`` is a row of a random orthogonal
+  ``d -> 2C -> 2C`` with PyTorch's default initialisation. ``normlab`` (the
+  default): after every BN, ``x * (1 + s(e)) + t(e)`` from two zero-initialised
+  ReLU MLPs, so training starts from the plain network. Measured on
+  examples/oat.yaml (4 epochs, PGD-7): normlab's reaches SA 0.946 at lambda 0
+  and SA 0.722 / RA 0.124 at lambda 1, the OAT code's 0.860 and 0.632 / 0.008
+  (its FiLM scales every feature by a random, mostly small mu at the start).
+  The encoding ``e(lambda)`` is a row of a random orthogonal
   ``dim x dim`` matrix (the QR of a Gaussian drawn from the run seed; a buffer,
   so it is saved with every checkpoint and reloads bit for bit), or a one-hot
   row, or lambda itself (``encoding: scalar``).
