@@ -14,7 +14,7 @@ from normlab.cli import main
 from normlab.config import parse_run
 from normlab.context import Context
 from normlab.data import Batch
-from normlab.layers import RoutedNorm, Split
+from normlab.layers import Split
 from normlab.runner import prepare
 from normlab.train import LossTerms
 from normlab_registry import PluginSpec, ResolutionError, resolve

@@ -8,7 +8,6 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchattacks
-from torch import nn
 
 import normlab
 import normlab_pgd as pgd
