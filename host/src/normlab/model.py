@@ -11,8 +11,8 @@ from torch import nn
 from .errors import UsageError
 from .layers.norm import map_norms
 
-__all__ = ["Normalize", "NormlabNet", "create_backbone", "small_input_stem", "input_stats", "robustbench_backbone", "load_state_file",
-           "load_weights", "set_trainable"]
+__all__ = ["Normalize", "NormlabNet", "create_backbone", "small_input_stem", "input_stats", "robustbench_backbone",
+           "load_state_file", "load_weights", "set_trainable"]
 
 
 class Normalize(nn.Module):
@@ -60,7 +60,6 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
                          + did_you_mean(cfg.name, timm.list_models()))
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.kwargs)
-        return small_input_stem(model, f"{source}: model.stem") if cfg.stem == "cifar" else model
     except TypeError as e:
         raise UsageError(f"{source}: model.kwargs: {e}") from None
     except Exception as e:
@@ -71,6 +70,7 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
             f"({type(e).__name__}); without a network, put them in the Hugging Face cache (HF_HOME) or "
             f"set model.checkpoint to a weights file"
         ) from None
+    return small_input_stem(model, f"{source}: model.stem") if cfg.stem == "cifar" else model
 
 
 def small_input_stem(model: nn.Module, where: str = "model.stem") -> nn.Module:
