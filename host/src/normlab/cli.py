@@ -101,6 +101,11 @@ def _settings(plugin) -> list[dict]:
     return out
 
 
+def _head(name: str, version: str | None, distribution: str | None, package: str | None) -> str:
+    """A plugin's first line in every listing: ``name version (distribution, package)``."""
+    return f"{name} {version or ''} ({distribution or '?'}, {package})"
+
+
 def _listing() -> int:
     """Installed plugins from their entry points' metadata (nothing imported): name, version, distribution."""
     import importlib.metadata as md
@@ -117,9 +122,9 @@ def _listing() -> int:
         return EXIT_OK
     for ep in eps:
         dist = getattr(ep, "dist", None)
-        name, version = (dist.metadata["Name"], dist.version) if dist else ("?", "")
+        name, version = (dist.metadata["Name"], dist.version) if dist else (None, None)
         summary = CATALOGUE[ep.name].summary if ep.name in CATALOGUE else (dist.metadata["Summary"] if dist else "")
-        print(f"{ep.name} {version} ({name}, {ep.value})")
+        print(_head(ep.name, version, name, ep.value))
         if summary:
             print(f"  {summary}")
     print("(hooks, declarations and import errors: normlab plugins --check; settings: normlab plugins NAME)")
@@ -143,7 +148,7 @@ def _plugins(as_json: bool, name: str | None = None, check: bool = False) -> int
         if as_json:
             print(json.dumps(record, indent=2, default=str))
             return EXIT_OK
-        print(f"{name} {record['version'] or ''} ({record['distribution'] or '?'}, {record['package']})")
+        print(_head(name, record["version"], record["distribution"], record["package"]))
         doc = (getattr(info.plugin, "__doc__", None) or "").strip().splitlines()
         if doc:
             print(f"  {doc[0]}")
@@ -168,7 +173,7 @@ def _plugins(as_json: bool, name: str | None = None, check: bool = False) -> int
         print("no plugins installed")
         return EXIT_OK
     for i in infos:
-        head = f"{i['name']} {i['version'] or ''} ({i['distribution'] or '?'}, {i['package']})"
+        head = _head(i["name"], i["version"], i["distribution"], i["package"])
         print(head)
         if i["error"]:
             print(f"  error: {i['error']}")

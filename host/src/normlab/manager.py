@@ -21,7 +21,7 @@ import pluggy
 from . import hookspecs
 from .errors import RunFailure, UsageError
 
-__all__ = ["hookimpl", "PluginInfo", "discover", "refuse_excluded", "Hooks", "ENV_VAR", "GROUP"]
+__all__ = ["hookimpl", "PluginInfo", "discover", "refuse_excluded", "Hooks", "HOOKS", "ENV_VAR", "GROUP"]
 
 GROUP = "normlab"
 ENV_VAR = "NORMLAB_LOAD_PLUGINS"
@@ -30,6 +30,8 @@ log = logging.getLogger("normlab")
 
 # hooks whose implementations each receive the previous one's result, and which argument carries it
 CHAINED = {"on_model": "model", "on_batch_norm": "module", "on_feature": "feature", "on_batch": "batch"}
+#: every hook, in the order a run reaches them
+HOOKS = ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch", "on_eval")
 
 
 def _expected_returns() -> dict[str, tuple[str, Callable[[Any], bool]]]:
@@ -162,7 +164,7 @@ class Hooks:
         self._impls: dict[str, list[tuple[str, Callable, tuple[str, ...]]]] = {}
         self._returns: dict[str, tuple[str, Callable[[Any], bool]]] | None = None
         self.current: str | None = None  # the plugin whose hook is running (for errors that name it)
-        for hook_name in CHAINED.keys() | {"on_loss", "on_domain", "on_epoch", "on_eval"}:
+        for hook_name in HOOKS:
             impls = getattr(self.pm.hook, hook_name).get_hookimpls()
             impls = sorted(impls, key=lambda i: rank[i.plugin_name])
             self._impls[hook_name] = [(i.plugin_name, i.function, tuple(i.argnames)) for i in impls]

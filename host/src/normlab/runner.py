@@ -31,7 +31,7 @@ from .context import Context
 from .data import DataBundle, build_data, fixed_order, take
 from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
-from .manager import Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
+from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
 from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
                     set_trainable, weights_mismatch)
 from .plots import training_curves
@@ -313,13 +313,17 @@ def _try_lock(run_dir: Path) -> int | str:
     return fd
 
 
+def _busy(what: str, run_dir: Path, pid: str) -> UsageError:
+    return UsageError(f"{what} {run_dir}: another normlab process (pid {pid}) is using this run directory; "
+                      f"wait for it to finish")
+
+
 @contextlib.contextmanager
 def _locked(run_dir: Path, what: str) -> Iterator[None]:
     """Hold the run directory's lock for the block; a second process exits 2 naming the holder's pid."""
     got = _try_lock(run_dir)
     if isinstance(got, str):
-        raise UsageError(f"{what} {run_dir}: another normlab process (pid {got}) is using this run directory; "
-                         f"wait for it to finish")
+        raise _busy(what, run_dir, got)
     try:
         yield
     finally:
@@ -351,8 +355,7 @@ def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
         raise UsageError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
     holder = _holder(out) if out.is_dir() else None
     if holder is not None:
-        raise UsageError(f"--out {out}: another normlab process (pid {holder}) is using this run directory; "
-                         f"wait for it to finish")
+        raise _busy("--out", out, holder)
     if resume:
         if not (out / "run.yaml").is_file():
             raise UsageError(f"--out {out}: no run to resume there (run.yaml is missing)")
@@ -430,8 +433,7 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
 def _train_and_evaluate(r: Run, resume: bool) -> RunResult:
     run_dir = r.dir
     log.info("plugin call order: %s", " -> ".join(r.enabled) or "(none)")
-    for hook in ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch",
-                 "on_eval"):
+    for hook in HOOKS:
         if r.hooks.implemented(hook):
             log.info("  %s: %s", hook, " -> ".join(r.hooks.implemented(hook)))
     t0 = time.perf_counter()

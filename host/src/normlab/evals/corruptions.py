@@ -529,6 +529,22 @@ class _Generated:
         return *self.cache.get(name, severity, self.n), (self.cache.get(name, severity, self.k)[0], self.positions)
 
 
+def released_rows(run, n: int, total: int, ordered: bool) -> tuple[torch.Tensor, int]:
+    """(adaptation rows, rows to read per domain) of a released corruption set whose first ``n`` rows
+    are evaluated, of ``total`` rows per severity.
+
+    ``ordered``: the rows are already a fixed random draw (robustbench's ImageNet list), so the
+    adaptation rows are its first ``adapt_samples``; otherwise (a CIFAR file holds the test set in
+    order) they are the first ``adapt_samples`` of the fixed order over all ``total`` rows. Without a
+    plugin that adapts, only evaluated rows are read.
+    """
+    k = min(run.config.adapt_samples, total)
+    rows = torch.arange(k) if ordered else fixed_order(total)[:k]
+    if not run.adapts:
+        rows = rows[rows < n]
+    return rows, max(n, int(rows.max()) + 1 if len(rows) else 0)
+
+
 #: the released sets robustbench loads, by the run's data name
 _RB_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "imagefolder": "ImageNet-C"}
 
@@ -567,17 +583,8 @@ class _Robustbench:
         if cfg.n_examples and cfg.n_examples > self.n:
             log.info("corruptions: robustbench's %s loader reads at most %d images; using %d",
                      _RB_FOLDERS[name], cap, self.n)
-        if name == "imagefolder":
-            # robustbench's list is itself a fixed random draw: adapt on its first adapt_samples images
-            self.k = min(run.config.adapt_samples, cap, len(run.data.test) if run.adapts else self.n)
-            self.index = self._imagenet_index(max(self.n, self.k))
-            self.adapt_rows = torch.arange(self.k)
-        else:  # row i of a released file is test image i: adapt on the test split's fixed draw
-            self.index = list(range(self.n))
-            self.adapt_rows = fixed_order(len(run.data.test))[: run.config.adapt_samples]
-        if not run.adapts:  # no plugin adapts: read only the evaluated rows
-            self.adapt_rows = self.adapt_rows[self.adapt_rows < self.n]
-        self.rows = max(self.n, int(self.adapt_rows.max()) + 1 if len(self.adapt_rows) else 0)  # rows read per domain
+        self.adapt_rows, self.rows = released_rows(run, self.n, min(cap, len(run.data.test)), name == "imagefolder")
+        self.index = self._imagenet_index(self.rows) if name == "imagefolder" else list(range(self.n))
         self._clean_labels: torch.Tensor | None = None
 
     def _imagenet_index(self, n: int) -> list[int]:

@@ -18,7 +18,6 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..data import fixed_order
 from ..errors import UsageError
 from ..layers.norm import iter_norms
 from ..layers.split import split_points
@@ -114,11 +113,9 @@ def divergence(model, ctx, report, cfg: DivergenceConfig) -> None:
     clean = torch.cat([x for x, _ in run.data.loader("test", 1024, shuffle=False, n=cfg.n_examples)])
     ref = domain_stats(run, ctx, "clean", clean, layers, cfg.batch_size, run.domain_samples())
     curves = {}
-    k = run.config.adapt_samples
     for d in cfg.domains:
-        x, _, n = generated_domain(run, d, StyleConfig(n_examples=cfg.n_examples, seed=cfg.seed))
-        positions = fixed_order(len(run.data.test))[:k]
-        other = domain_stats(run, ctx, f"style/{d}", x[:n], layers, cfg.batch_size, (x[:k], positions))
+        x, _, samples = generated_domain(run, d, StyleConfig(n_examples=cfg.n_examples, seed=cfg.seed))
+        other = domain_stats(run, ctx, f"style/{d}", x, layers, cfg.batch_size, samples)
         values = [float(symmetric_kl(*ref[layer], *other[layer])) for layer in layers]
         for layer, v in zip(layers, values):
             report.add(f"divergence/{d}/{layer}", v)

@@ -65,10 +65,10 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from ..data import fixed_order
 from ..errors import UsageError
 from . import EvalSettings, Evaluator, test_loader
 from .attacks import attack_mode, default_eps, keep_trace, seeded
+from .corruptions import released_rows
 
 __all__ = ["RobustbenchEvalConfig", "available", "benchmark_problem", "adapter_problem"]
 
@@ -347,13 +347,7 @@ def _corruptions(model, ctx, cfg: RobustbenchEvalConfig, dataset: str, n: int, d
     from robustbench.data import CORRUPTIONS, PREPROCESSINGS, load_cifar10c, load_cifar100c, load_imagenetc
 
     run = ctx.run
-    k = min(run.config.adapt_samples, MAX_EXAMPLES[dataset])
-    # adaptation rows: robustbench's ImageNet list is itself a fixed random draw (its first k); a CIFAR
-    # file holds the test set in order (the fixed draw over all of it, as normlab.data.fixed_order)
-    adapt = torch.arange(k) if dataset == "imagenet" else fixed_order(MAX_EXAMPLES[dataset])[:k]
-    if not run.adapts:  # no plugin adapts: read only the evaluated rows
-        adapt = adapt[adapt < n]
-    rows = max(n, int(adapt.max()) + 1 if len(adapt) else 0)
+    adapt, rows = released_rows(run, n, MAX_EXAMPLES[dataset], dataset == "imagenet")
     accs = []
     for name in CORRUPTIONS:
         for severity in range(1, 6):

@@ -87,12 +87,13 @@ SHIFTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
 }
 
 
-def generated_domain(run, name: str, cfg: StyleConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(images, labels, n) of generated domain ``name``: the first rows of the test split's fixed order.
+def generated_domain(run, name: str, cfg: StyleConfig):
+    """``(images, labels, (samples, positions))`` of generated domain ``name``, over the test split's fixed order.
 
-    The first ``n`` rows are the evaluated subset (``n_examples``), the first ``adapt_samples`` the
-    adaptation samples; the rows made are as many as the larger needs. Rows are drawn in order from
-    ``seed`` in whole blocks of 1,024, so a row does not depend on how many rows are used.
+    ``images`` are its first ``n_examples`` rows (the evaluated subset), ``samples`` its first
+    ``adapt_samples`` (the adaptation samples) and ``positions`` their test-split positions. The rows
+    made are as many as the larger needs, drawn in order from ``seed`` in whole blocks of 1,024, so a
+    row does not depend on how many rows are used.
     """
     total = len(run.data.test)
     n = min(cfg.n_examples or total, total)
@@ -103,7 +104,9 @@ def generated_domain(run, name: str, cfg: StyleConfig) -> tuple[torch.Tensor, to
     for x, y in loader:
         xs.append(SHIFTS[name](x, g).clamp_(0, 1))
         ys.append(y)
-    return torch.cat(xs), torch.cat(ys), n
+    x, y = torch.cat(xs), torch.cat(ys)
+    k = run.config.adapt_samples
+    return x[:n], y[:n], (x[:k], fixed_order(total)[:k])
 
 
 def _folder_loader(run, name: str, path: str, cfg: StyleConfig):
@@ -141,10 +144,9 @@ def style(model, ctx, report, cfg: StyleConfig) -> None:
                          f"`folders` (generated domains default to all only for mnist)")
     accs = []
     for name in names:
-        x, y, n = generated_domain(run, name, cfg)
-        loader = [(x[i:j], y[i:j]) for i in range(0, n, cfg.batch_size) for j in [min(i + cfg.batch_size, n)]]
-        k = run.config.adapt_samples
-        with run.domain(f"style/{name}", x[:k], ctx, fixed_order(len(run.data.test))[:k]):
+        x, y, (samples, positions) = generated_domain(run, name, cfg)
+        loader = [(x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]) for i in range(0, len(y), cfg.batch_size)]
+        with run.domain(f"style/{name}", samples, ctx, positions):
             acc, _ = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
         report.add(f"style/{name}/acc", acc)
         accs.append(acc)

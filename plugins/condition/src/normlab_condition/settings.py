@@ -30,9 +30,9 @@ class Config(BaseModel):
                                                         "FiLM, 2C for the OAT code's)")
     film_style: Literal["oat", "normlab"] = Field(
         "normlab", description="oat: the OAT code's FiLM (one leaky-ReLU MLP d -> 2C -> 2C, x * mu + sigma, after "
-                           "the stem and block BNs only); normlab: x * (1 + s) + t from two zero-initialised "
-                           "ReLU MLPs (identity at the start), after every BN including the shortcuts'; the default, as "
-                               "it trained far better in the measured 4-epoch runs (docs/results.md)")
+                               "the stem and block BNs only); normlab: x * (1 + s) + t from two zero-initialised "
+                               "ReLU MLPs (identity at the start), after every BN including the shortcuts'; the "
+                               "default, as it trained far better in the measured 4-epoch runs (docs/results.md)")
     dual_bn: bool = Field(True, description="clean / adversarial BN pair (false: one BN, for the ablation)")
     film: bool = Field(True, description="FiLM after each BN (false: dual BN only, for the ablation)")
     lam: float = Field(1.0, ge=0, le=1, description="the test-time knob: lambda for evaluation")
