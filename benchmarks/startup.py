@@ -27,6 +27,7 @@ CASES = {
     "bad --set value": ["run", "{good}", "--out", "{out}", "--set", "train.epochs=-1"],
     "unknown plugin": ["run", "{plugin}", "--out", "{out}"],
     "bad plugin setting": ["run", "{setting}", "--out", "{out}"],
+    "bad evaluator setting": ["run", "{evaluator}", "--out", "{out}"],
     "plugins listing": ["plugins"],
 }
 
@@ -41,11 +42,12 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         files = {"file": Path(tmp) / "bad.yaml", "good": Path(tmp) / "good.yaml", "plugin": Path(tmp) / "plugin.yaml",
-                 "setting": Path(tmp) / "setting.yaml"}
+                 "setting": Path(tmp) / "setting.yaml", "evaluator": Path(tmp) / "evaluator.yaml"}
         files["file"].write_text("trian: {epochs: 3}\n")
         files["good"].write_text("seed: 0\n")
         files["plugin"].write_text("plugins: {advnb: {}}\n")
         files["setting"].write_text("plugins: {bnrect: {n_smaples: 8}}\n")
+        files["evaluator"].write_text("evaluate: {pgd: {eps: 8/255, stepz: 10}}\n")
         for name, argv in CASES.items():
             times, code, torch_line = [], None, ""
             for _ in range(args.repeats):

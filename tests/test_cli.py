@@ -278,9 +278,17 @@ def test_hook_wrappers_are_rejected_with_the_plugin_named():
     ("plugins: {bnrect: {n_smaples: 8}}", r"plugins.bnrect.n_smaples: unknown key \(did you mean 'n_samples'\?\)"),
     ("plugins: {pgd: {eps: 8/0}}", r"plugins.pgd.eps: Value error|plugins.pgd.eps: expected a number or a fraction"),
     ("plugins: {condition: {choices: [2.0]}, pgd: {}}", r"plugins.condition: choices must lie in \[0, 1\]"),
+    ("evaluate: {pgd: {stepz: 3}}", r"evaluate.pgd.stepz: unknown key \(did you mean 'steps'\?\)"),
+    ("evaluate: {autoattak: {}}", r"evaluate.autoattak: unknown evaluator \(did you mean 'autoattack'\?\)"),
+    ("evaluate: {corruptions: {corruptions: [fogg]}}", r"evaluate.corruptions.corruptions: unknown corruption 'fogg'"),
+    ("evaluate: {autoattack: {implementation: torchattacks, version: fast}}",
+     r"evaluate.autoattack: version 'fast' exists only for implementation 'pyautoattack'"),
+    ("evaluate: {sweep: {knob: lam, values: [0], evaluators: {fgsm: {eps: -1}}}}",
+     r"evaluate.sweep.evaluators.fgsm.eps: Input should be greater than or equal to 0"),
 ])
 def test_bad_run_files_are_refused_before_torch_is_imported(text, pattern, tmp_path):
-    """Issue 16: the run file and the plugin names are checked from metadata, so refusing is fast."""
+    """Issue 16: the run file, the plugin names and every settings section (plugins' and evaluators') are
+    checked from metadata and torch-free settings modules, so refusing is fast."""
     path = tmp_path / "run.yaml"
     path.write_text(text)
     probe = ("import sys, normlab.cli as c\ncode = c.main(['run', sys.argv[1], '--out', sys.argv[2]])\n"

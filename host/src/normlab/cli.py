@@ -250,20 +250,23 @@ def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None) -> 
 
 
 def precheck(path: str, overrides: list[str]) -> None:
-    """What can be checked without torch: the run file and its overrides, and the plugin names.
+    """What can be checked without torch: the run file and its overrides, the evaluators' settings,
+    the plugin names and the settings of plugins that keep them in ``settings.py``.
 
     The names are resolved against the installed entry points' metadata (nothing is imported), so
     an unknown, uninstalled or excluded plugin is refused with the same line the full check gives;
-    requirements, conflicts and every plugin's settings are checked by :func:`normlab.runner.prepare`.
+    requirements, conflicts and the rest are checked again by :func:`normlab.runner.prepare`.
     """
     import importlib.metadata as md
 
     from normlab_registry import PluginSpec, ResolutionError, resolve
 
     from .config import load_run_file, validate_section
+    from .evals.settings import validate_evaluators
     from .manager import GROUP, refuse_excluded
 
     cfg, _ = load_run_file(path, overrides)
+    validate_evaluators(cfg.evaluate, path)
     if not cfg.plugins:
         return
     refuse_excluded(list(cfg.plugins), path)

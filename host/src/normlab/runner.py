@@ -31,6 +31,7 @@ from .context import Context
 from .data import DataBundle, build_data, fixed_order, take
 from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
+from .evals.settings import SETTINGS, validate_evaluators
 from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
 from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
                     set_trainable, weights_mismatch)
@@ -248,7 +249,7 @@ def seed_everything(seed: int) -> None:
 def prepare(config: RunConfig, source: str, extra_plugins: Mapping[str, Any] | None = None,
             quiet: bool | None = None) -> Run:
     """Resolve and validate everything a run needs; raise UsageError on bad input. Builds nothing."""
-    from normlab_registry import PluginSpec, ResolutionError, did_you_mean, resolve
+    from normlab_registry import PluginSpec, ResolutionError, resolve
 
     installed = discover()
     for name, obj in (extra_plugins or {}).items():
@@ -271,12 +272,7 @@ def prepare(config: RunConfig, source: str, extra_plugins: Mapping[str, Any] | N
             plugin_configs[name] = {}
         else:
             plugin_configs[name] = validate_section(model, settings, source, f"plugins.{name}")
-    evaluators = {}
-    for name, settings in config.evaluate.items():
-        if name not in EVALUATORS:
-            raise UsageError(f"{source}: evaluate.{name}: unknown evaluator" + did_you_mean(name, list(EVALUATORS))
-                             + f"; available: {', '.join(EVALUATORS)}")
-        evaluators[name] = validate_section(EVALUATORS[name].config, settings, source, f"evaluate.{name}")
+    evaluators = validate_evaluators(config.evaluate, source)
     run = Run(config, source, installed, enabled, plugin_configs, evaluators, quiet)
     for name, settings in evaluators.items():
         if EVALUATORS[name].check is not None:
@@ -390,9 +386,8 @@ def _canonical(run: Run, raw: dict, source: str) -> dict:
         if model is not None:
             plugins[name] = _dump(validate_section(model, settings, source, f"plugins.{name}"))
     for name, settings in (out.get("evaluate") or {}).items():
-        if name in EVALUATORS:
-            out["evaluate"][name] = _dump(validate_section(EVALUATORS[name].config, settings, source,
-                                                           f"evaluate.{name}"))
+        if name in SETTINGS:
+            out["evaluate"][name] = _dump(validate_section(SETTINGS[name], settings, source, f"evaluate.{name}"))
     return out
 
 

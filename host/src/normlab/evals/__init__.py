@@ -2,9 +2,12 @@
 
 The host's evaluators are a built-in plugin (``normlab.evaluators``) whose
 ``on_eval`` runs those named under ``evaluate:`` in the run file, in that
-order, each with its own settings model. Every module in this package lists
-its evaluators in a module-level ``EVALUATORS``; plugins add metrics from their
-own ``on_eval``.
+order, each with its own settings model. The settings live in
+:mod:`normlab.evals.settings`, which imports no torch (the CLI checks a run
+file against them before torch is loaded); every other module in this package
+lists its evaluators in a module-level ``EVALUATORS``, and importing this
+package imports none of them until ``EVALUATORS`` is first used. Plugins add
+metrics from their own ``on_eval``.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
-from typing import Any, Callable
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import Strict
-from ..context import Context
 from ..manager import hookimpl
+from .settings import SETTINGS, EvalSettings
+
+if TYPE_CHECKING:
+    from ..context import Context
 
 __all__ = ["Report", "Evaluator", "EvalSettings", "EVALUATORS", "BuiltinEvaluators", "test_loader"]
 
@@ -46,24 +50,18 @@ class Report:
             self.add(f"{prefix}{k}", v)
 
 
-class EvalSettings(Strict):
-    """Settings every evaluator accepts."""
-
-    n_examples: int | None = Field(None, ge=1, description="evaluate on a fixed subset of this many test images")
-    batch_size: int = Field(256, ge=1)
-
-
 class Evaluator:
-    """A named evaluator: its settings model and ``fn(model, ctx, report, settings)``.
+    """A named evaluator: ``fn(model, ctx, report, settings)``; its settings model is ``SETTINGS[name]``.
 
     ``check(run, settings)``, when given, runs before anything is built or
     trained and raises UsageError for settings that depend on the run (a knob
     no enabled plugin declares, ...).
     """
 
-    def __init__(self, name: str, config: type[Strict], fn: Callable[[Any, Context, Report, Any], None], doc: str,
+    def __init__(self, name: str, fn: Callable[[Any, Context, Report, Any], None], doc: str,
                  check: Callable[[Any, Any], None] | None = None):
-        self.name, self.config, self.fn, self.doc, self.check = name, config, fn, doc, check
+        self.config: type[Strict] = SETTINGS[name]
+        self.name, self.fn, self.doc, self.check = name, fn, doc, check
 
 
 def test_loader(run, cfg: EvalSettings, shuffle: bool = False):
@@ -74,7 +72,7 @@ def test_loader(run, cfg: EvalSettings, shuffle: bool = False):
 def _collect() -> dict[str, Evaluator]:
     found: dict[str, Evaluator] = {}
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if mod.name.startswith("_"):
+        if mod.name.startswith("_") or mod.name == "settings":
             continue
         for ev in importlib.import_module(f"{__name__}.{mod.name}").EVALUATORS:
             if ev.name in found:
@@ -83,7 +81,21 @@ def _collect() -> dict[str, Evaluator]:
     return found
 
 
-EVALUATORS: dict[str, Evaluator] = _collect()
+def _evaluators() -> dict[str, Evaluator]:
+    """``EVALUATORS``, built on first use (each evaluator module imports torch)."""
+    if "EVALUATORS" not in globals():
+        found = _collect()
+        if set(found) != set(SETTINGS):
+            raise RuntimeError(f"evaluators without settings or settings without an evaluator: "
+                               f"{sorted(set(found) ^ set(SETTINGS))}")
+        globals()["EVALUATORS"] = found
+    return globals()["EVALUATORS"]
+
+
+def __getattr__(name: str):
+    if name == "EVALUATORS":
+        return _evaluators()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BuiltinEvaluators:
@@ -91,6 +103,7 @@ class BuiltinEvaluators:
 
     @hookimpl
     def on_eval(self, model, ctx, report):
+        evaluators = _evaluators()
         for name, cfg in ctx.run.evaluators.items():
             ctx.run.log.info("evaluating: %s", name)
-            EVALUATORS[name].fn(model, ctx, report, cfg)
+            evaluators[name].fn(model, ctx, report, cfg)

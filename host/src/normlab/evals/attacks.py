@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Annotated, Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
-from pydantic import BeforeValidator, Field, model_validator
 from tqdm.auto import tqdm
 
 from ..errors import RunFailure
-from . import EvalSettings, Evaluator, test_loader
+from . import Evaluator, test_loader
+from .settings import (APGDConfig, AttackSettings, AutoAttackConfig, CWConfig, FGSMConfig,
+                       MIFGSMConfig, PGDConfig, SquareConfig)
 
 __all__ = ["DEFAULT_EPS", "default_eps", "attack_mode", "seeded", "keep_trace"]
 
@@ -67,107 +68,6 @@ DEFAULT_EPS: dict[str, dict[str, float]] = {
 def default_eps(dataset: str, norm: str) -> float:
     """The usual budget for ``dataset`` under ``norm`` (Linf or L2; see the module doc)."""
     return DEFAULT_EPS.get(dataset, DEFAULT_EPS["imagefolder"])[norm]
-
-
-# --- settings ---------------------------------------------------------------
-
-def _number(value: Any) -> Any:
-    """Accept ``8/255`` (a string in YAML) wherever a budget or step size is expected."""
-    if not isinstance(value, str):
-        return value
-    try:
-        num, _, den = value.partition("/")
-        return float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"expected a number or a fraction such as 8/255, got {value!r}") from None
-
-
-Budget = Annotated[float, BeforeValidator(_number)]
-
-
-class AttackSettings(EvalSettings):
-    """Settings every attack evaluator accepts."""
-
-    seed: int | None = Field(None, ge=0, description="attack randomness seed (default: the run's seed)")
-
-
-class BudgetSettings(AttackSettings):
-    eps: Budget | None = Field(None, ge=0, description="perturbation budget in [0, 1] pixel units, e.g. 8/255 "
-                                                      "(default: the dataset's usual threat model)")
-
-
-class FGSMConfig(BudgetSettings):
-    """FGSM (Goodfellow et al.): one signed-gradient step of size eps (Linf)."""
-
-
-class PGDConfig(BudgetSettings):
-    """PGD (Madry et al.) with a random start in the eps-ball."""
-
-    norm: Norm = "Linf"
-    steps: int = Field(20, ge=1)
-    alpha: Budget | None = Field(None, gt=0, description="step size (default: 2.5 * eps / steps, Madry et al.)")
-    random_start: bool = True
-
-
-class MIFGSMConfig(BudgetSettings):
-    """MI-FGSM (Dong et al.): iterative FGSM with gradient momentum (Linf)."""
-
-    steps: int = Field(10, ge=1)
-    alpha: Budget | None = Field(None, gt=0, description="step size (default: eps / steps, as in the paper)")
-    decay: float = Field(1.0, ge=0, description="momentum decay factor mu")
-
-
-class CWConfig(AttackSettings):
-    """Carlini-Wagner L2 (torchattacks; a fixed constant c, no binary search)."""
-
-    c: float = Field(1.0, gt=0, description="weight of the misclassification term")
-    kappa: float = Field(0.0, ge=0, description="confidence margin")
-    steps: int = Field(100, ge=1)
-    lr: float = Field(0.01, gt=0, description="Adam learning rate in tanh space")
-    eps: Budget | None = Field(None, gt=0, description="count an adversarial example only if its L2 norm is at "
-                                                      "most eps (default: any size counts)")
-
-
-class APGDConfig(BudgetSettings):
-    """APGD (Croce & Hein) as in torchattacks, with the original's 100 iterations by default."""
-
-    norm: Norm = "Linf"
-    steps: int = Field(100, ge=1, description="iterations per restart (torchattacks' default is 10)")
-    n_restarts: int = Field(1, ge=1)
-    rho: float = Field(0.75, gt=0, lt=1, description="step-size halving threshold")
-
-
-class SquareConfig(BudgetSettings):
-    """Square Attack (Andriushchenko et al.): score-based, no gradients."""
-
-    norm: Norm = "Linf"
-    n_queries: int = Field(5000, ge=1)
-    n_restarts: int = Field(1, ge=1)
-    p_init: float = Field(0.8, gt=0, le=1, description="initial fraction of pixels changed per square")
-
-
-class AutoAttackConfig(BudgetSettings):
-    """AutoAttack (Croce & Hein, 2020)."""
-
-    norm: Literal["Linf", "L2", "L1"] = "Linf"
-    version: Literal["standard", "fast", "plus", "rand"] = Field(
-        "standard", description="standard: APGD-CE, APGD-T, FAB-T, Square (100 iterations per APGD); "
-                                "fast: APGD-CE and APGD-T with the standard settings; plus; rand (EOT, for "
-                                "randomised defenses)")
-    implementation: Literal["pyautoattack", "torchattacks"] = Field(
-        "pyautoattack", description="pyautoattack: the original AutoAttack; torchattacks: its re-implementation, "
-                                    "which runs 10 iterations per APGD (weaker; only when asked for)")
-
-    @model_validator(mode="after")
-    def _check_implementation(self):
-        if self.norm == "L1" and self.eps is None:
-            raise ValueError("norm 'L1' has no default budget: set eps")
-        if self.implementation == "torchattacks":
-            if self.version == "fast":
-                raise ValueError("version 'fast' exists only for implementation 'pyautoattack'")
-            if self.norm == "L1":
-                raise ValueError("norm 'L1' exists only for implementation 'pyautoattack'")
-        return self
 
 
 # --- the machinery shared by every attack -------------------------------------
@@ -448,21 +348,21 @@ def autoattack(model, ctx, report, cfg: AutoAttackConfig) -> None:
 
 
 EVALUATORS = [
-    Evaluator("fgsm", FGSMConfig, fgsm,
+    Evaluator("fgsm", fgsm,
               "FGSM (torchattacks), Linf: robust accuracy fgsm/acc, clean accuracy of the subset fgsm/clean_acc"),
-    Evaluator("pgd", PGDConfig, pgd,
+    Evaluator("pgd", pgd,
               "PGD with random start (torchattacks PGD / PGDL2), Linf or L2; steps 20, step size 2.5*eps/steps"),
-    Evaluator("mifgsm", MIFGSMConfig, mifgsm, "MI-FGSM (torchattacks), Linf, 10 steps, momentum 1.0"),
-    Evaluator("cw", CWConfig, cw,
+    Evaluator("mifgsm", mifgsm, "MI-FGSM (torchattacks), Linf, 10 steps, momentum 1.0"),
+    Evaluator("cw", cw,
               "Carlini-Wagner L2 (torchattacks, c=1, 100 steps); cw/l2 is the median L2 size of successful "
               "adversarial examples. Its tanh parametrisation cannot move pixels that are exactly 0 or 1 "
               "(most of an MNIST digit), so it is weak on MNIST"),
-    Evaluator("apgd", APGDConfig, _apgd("ce", "apgd"),
+    Evaluator("apgd", _apgd("ce", "apgd"),
               "APGD-CE (torchattacks APGD, loss ce), 100 iterations as in the original AutoAttack"),
-    Evaluator("apgd_dlr", APGDConfig, _apgd("dlr", "apgd_dlr"),
+    Evaluator("apgd_dlr", _apgd("dlr", "apgd_dlr"),
               "APGD-DLR (torchattacks APGD, loss dlr), 100 iterations as in the original AutoAttack"),
-    Evaluator("square", SquareConfig, square, "Square Attack (torchattacks), score-based, 5000 queries"),
-    Evaluator("autoattack", AutoAttackConfig, autoattack,
+    Evaluator("square", square, "Square Attack (torchattacks), score-based, 5000 queries"),
+    Evaluator("autoattack", autoattack,
               "AutoAttack: the original (pyautoattack; standard: APGD-CE, APGD-T, FAB-T, Square with 100 "
               "iterations per APGD; fast: APGD-CE and APGD-T), or implementation: torchattacks (10 iterations "
               "per APGD: weaker). Keys autoattack/acc and autoattack/<version>/acc "

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from ..train import domain_accuracy
-from . import EvalSettings, Evaluator, test_loader
-
-
-class CleanConfig(EvalSettings):
-    pass
+from . import Evaluator, test_loader
+from .settings import CleanConfig
 
 
 def clean(model, ctx, report, cfg: CleanConfig) -> None:
@@ -17,4 +14,4 @@ def clean(model, ctx, report, cfg: CleanConfig) -> None:
         report.add("clean/top5", top5)
 
 
-EVALUATORS = [Evaluator("clean", CleanConfig, clean, "top-1 accuracy on the test split (top-5 above 10 classes)")]
+EVALUATORS = [Evaluator("clean", clean, "top-1 accuracy on the test split (top-5 above 10 classes)")]

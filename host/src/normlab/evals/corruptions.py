@@ -102,18 +102,18 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from ..data import fixed_order
 from ..errors import UsageError
 from ..train import evaluate_accuracy
-from . import EvalSettings, Evaluator
+from . import Evaluator
+from .settings import COMMON, VALIDATION, CorruptionsConfig
 
 __all__ = [
     "ALEXNET_ERR",
@@ -127,13 +127,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("normlab")
-
-#: imagecorruptions' ``get_corruption_names('common')``, in its order (ImageNet-C's 15)
-COMMON = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-          "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-          "jpeg_compression")
-#: imagecorruptions' ``get_corruption_names('validation')`` (generate only)
-VALIDATION = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 #: AlexNet's ImageNet-C error per corruption (mean over severities), from REFERENCE.md
 ALEXNET_ERR = dict(zip(COMMON, (0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360,
@@ -150,41 +143,6 @@ def _default_cache() -> str:
     from ..data import _default_root
 
     return str(_default_root() / "corruptions")
-
-
-class CorruptionsConfig(EvalSettings):
-    corruptions: list[str] = Field(default_factory=lambda: list(COMMON),
-                                   description="imagecorruptions names (default: the 15 of ImageNet-C)")
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="severities, each 1..5")
-    source: Literal["generate", "robustbench"] = Field(
-        "generate", description="generate: imagecorruptions on the test split, cached; robustbench: the released "
-                                "CIFAR-10-C / CIFAR-100-C / ImageNet-C through robustbench's loaders")
-    cache_dir: str | None = Field(None, description="generated sets (default $NORMLAB_DATA/corruptions)")
-    data_dir: str | None = Field(None, description="source robustbench: the folder holding CIFAR-10-C/, "
-                                                   "CIFAR-100-C/ or ImageNet-C/ (default $NORMLAB_DATA)")
-    workers: int | None = Field(None, ge=1, description="processes generating the cache (default: CPU count)")
-    plot: bool = Field(True, description="write plots/corruptions.png into the run directory")
-
-    @field_validator("corruptions")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        from normlab_registry import did_you_mean
-
-        known = COMMON + VALIDATION
-        for name in v:
-            if name not in known:
-                raise ValueError(f"unknown corruption {name!r}{did_you_mean(name, known)}; "
-                                 f"known: {', '.join(known)}")
-        if not v or len(set(v)) != len(v):
-            raise ValueError("give at least one corruption, each once")
-        return v
-
-    @field_validator("severities")
-    @classmethod
-    def _levels(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v) or any(s not in (1, 2, 3, 4, 5) for s in v):
-            raise ValueError(f"expected distinct severities from 1 to 5, got {v}")
-        return v
 
 
 # --------------------------------------------------------------------------- source images
@@ -707,6 +665,6 @@ def heatmap(acc: dict[tuple[str, int], float], names: Sequence[str], severities:
     return path
 
 
-EVALUATORS = [Evaluator("corruptions", CorruptionsConfig, corruptions,
+EVALUATORS = [Evaluator("corruptions", corruptions,
                         "accuracy under the 15 ImageNet-C corruptions x 5 severities (generated once and cached, "
                         "or robustbench's released sets); mean error, drop from clean, mCE for ImageNet-C")]

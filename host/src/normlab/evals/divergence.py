@@ -15,7 +15,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from pydantic import Field
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
@@ -23,16 +22,9 @@ from ..layers.norm import iter_norms
 from ..layers.split import split_points
 from ..plots import save
 from ..train import autocast
-from . import EvalSettings, Evaluator
-from .style import GENERATED, StyleConfig, generated_domain
-
-
-class DivergenceConfig(EvalSettings):
-    n_examples: int | None = Field(500, ge=2)
-    domains: list[str] = Field(default_factory=lambda: list(GENERATED),
-                               description=f"generated style domains among {GENERATED}")
-    layers: list[str] | None = Field(None, description="backbone layers (default: the stages, else every norm layer)")
-    seed: int = Field(0, ge=0)
+from . import Evaluator
+from .settings import GENERATED, DivergenceConfig, StyleConfig
+from .style import generated_domain
 
 
 def symmetric_kl(mean_a, var_a, mean_b, var_b, floor: float = 1e-3) -> torch.Tensor:
@@ -141,5 +133,5 @@ def plot(curves: dict[str, list[float]], layers: list[str], path):
     return save(fig, path)
 
 
-EVALUATORS = [Evaluator("divergence", DivergenceConfig, divergence,
+EVALUATORS = [Evaluator("divergence", divergence,
                         "per-layer symmetric KL of per-channel feature statistics, clean vs shifted domains")]

@@ -59,14 +59,13 @@ import contextlib
 import functools
 import io
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
-from . import EvalSettings, Evaluator, test_loader
+from . import Evaluator, test_loader
+from .settings import RobustbenchEvalConfig
 from .attacks import attack_mode, default_eps, keep_trace, seeded
 from .corruptions import released_rows
 
@@ -75,29 +74,6 @@ __all__ = ["RobustbenchEvalConfig", "available", "benchmark_problem", "adapter_p
 CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 CORRUPTION_DIRS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "imagenet": "ImageNet-C"}
 MAX_EXAMPLES = {"cifar10": 10000, "cifar100": 10000, "imagenet": 5000}
-
-
-class RobustbenchEvalConfig(EvalSettings):
-    """RobustBench's evaluation (clean and threat-model accuracy), through benchmark() where it works."""
-
-    threat_model: Literal["Linf", "L2", "corruptions"] = "Linf"
-    eps: float | None = Field(None, gt=0, description="budget in [0, 1] pixel units for Linf/L2 (default: "
-                                                      "RobustBench's: 8/255 / 0.5 on CIFAR, 4/255 on ImageNet)")
-    dataset: Literal["cifar10", "cifar100", "imagenet"] | None = Field(
-        None, description="robustbench's benchmark dataset (default: the run's data if CIFAR, else the zoo "
-                          "backbone's dataset, else none: normlab's own test split)")
-    data_dir: str | None = Field(None, description="robustbench's data_dir (default: the run's data.root, "
-                                                   "else normlab's data folder, NORMLAB_DATA)")
-    version: Literal["standard", "fast"] = Field(
-        "standard", description="AutoAttack version; benchmark() runs only standard, so fast always takes the "
-                                "equivalent path")
-    seed: int | None = Field(None, ge=0, description="AutoAttack's seed on the equivalent path (default: the run's)")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.threat_model == "corruptions" and self.eps is not None:
-            raise ValueError("eps applies to Linf and L2 only")
-        return self
 
 
 # --- which path -----------------------------------------------------------------
@@ -366,7 +342,7 @@ def _corruptions(model, ctx, cfg: RobustbenchEvalConfig, dataset: str, n: int, d
 
 
 EVALUATORS = [
-    Evaluator("robustbench", RobustbenchEvalConfig, robustbench_eval,
+    Evaluator("robustbench", robustbench_eval,
               "RobustBench: robustbench/clean_acc and robustbench/adv_acc (Linf/L2: the original AutoAttack; "
               "corruptions: mean over 15 x 5), through robustbench.eval.benchmark() where it works, else an "
               "equivalent computation; robustbench/used_benchmark says which ran (the reason is logged)"),

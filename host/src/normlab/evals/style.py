@@ -23,22 +23,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from ..data import fixed_order
 from ..errors import UsageError
 from ..train import evaluate_accuracy
-from . import EvalSettings, Evaluator
+from . import Evaluator
+from .settings import GENERATED, StyleConfig
 
-GENERATED = ("invert", "color", "texture")
 TEXTURE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel")
-
-
-class StyleConfig(EvalSettings):
-    domains: list[str] | None = Field(
-        None, description=f"generated domains among {GENERATED} (default: all three for mnist, none otherwise)")
-    folders: dict[str, str] = Field(default_factory=dict, description="domain name -> ImageFolder directory")
-    seed: int = Field(0, ge=0, description="seed of the generated domains")
 
 
 def invert(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -159,4 +151,4 @@ def style(model, ctx, report, cfg: StyleConfig) -> None:
     report.add("style/acc", sum(accs) / len(accs))
 
 
-EVALUATORS = [Evaluator("style", StyleConfig, style, "accuracy on appearance-shifted domains of the test split")]
+EVALUATORS = [Evaluator("style", style, "accuracy on appearance-shifted domains of the test split")]

@@ -22,43 +22,12 @@ import dataclasses
 from typing import Any
 
 import torch
-from pydantic import Field, PrivateAttr, model_validator
 
-from ..config import Strict, validate_section
+from ..config import validate_section
 from ..errors import UsageError
 from ..plots import ATTACKS, save
 from . import Evaluator, Report
-
-KNOBS = ("lam", "width", "route")
-
-
-class SweepConfig(Strict):
-    knob: str = Field(description=f"the context field to vary (one of {KNOBS}), plugins.NAME.FIELD or plugins.NAME")
-    values: list[Any] = Field(min_length=1)
-    evaluators: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"clean": {}})
-    _parsed: dict | None = PrivateAttr(None)  # the nested evaluators' validated settings
-    _variants: list | None = PrivateAttr(None)  # plugin knobs: (label, validated plugin settings) per value
-
-    @property
-    def plugin(self) -> str | None:
-        """The plugin whose settings are swept, or None for a context knob."""
-        return self.knob.split(".")[1] if self.knob.startswith("plugins.") else None
-
-    @model_validator(mode="after")
-    def _check(self):
-        parts = self.knob.split(".")
-        if self.plugin is not None:
-            if len(parts) not in (2, 3) or not all(parts):
-                raise ValueError(f"a plugin knob is plugins.NAME or plugins.NAME.FIELD, got {self.knob!r}")
-            if len(parts) == 2 and not all(isinstance(v, dict) and v for v in self.values):
-                raise ValueError("with knob plugins.NAME each value is a mapping of that plugin's settings")
-        elif self.knob not in KNOBS:
-            raise ValueError(f"knob must be one of {KNOBS} or plugins.NAME[.FIELD], got {self.knob!r}")
-        if "sweep" in self.evaluators:
-            raise ValueError("a sweep cannot contain a sweep")
-        if self.knob == "lam" and not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.values):
-            raise ValueError("lam values must be numbers in [0, 1]")
-        return self
+from .settings import SweepConfig, nested_evaluators
 
 
 def _plugin_variants(run, cfg: SweepConfig) -> list[tuple[str, Any]]:
@@ -82,21 +51,14 @@ def _plugin_variants(run, cfg: SweepConfig) -> list[tuple[str, Any]]:
 
 def check(run, cfg: SweepConfig) -> None:
     """Before anything is built: the knob is declared by an enabled plugin; nested settings are valid."""
-    from . import EVALUATORS  # complete once the package has been imported
-
     declared = {k for n in run.enabled for k in run.plugins[n].knobs}
     if cfg.plugin is not None:
         cfg._variants = _plugin_variants(run, cfg)
     elif cfg.knob not in declared:
         raise UsageError(f"{run.source}: evaluate.sweep.knob: no enabled plugin declares knob {cfg.knob!r}"
                          + (f" (declared: {', '.join(sorted(declared))})" if declared else ""))
-    parsed = {}
-    for name, settings in cfg.evaluators.items():
-        if name not in EVALUATORS:
-            raise UsageError(f"{run.source}: evaluate.sweep.evaluators.{name}: unknown evaluator")
-        parsed[name] = validate_section(EVALUATORS[name].config, settings, run.source,
-                                        f"evaluate.sweep.evaluators.{name}")
-    cfg._parsed = parsed
+    if cfg._parsed is None:
+        nested_evaluators(cfg, run.source)
 
 
 def knob_value(knob: str, value: Any) -> Any:
@@ -180,5 +142,5 @@ def plot(knob: str, rows: list[tuple[Any, dict]], path):
     return save(fig, path)
 
 
-EVALUATORS = [Evaluator("sweep", SweepConfig, sweep, "chosen evaluators once per value of a test-time knob",
+EVALUATORS = [Evaluator("sweep", sweep, "chosen evaluators once per value of a test-time knob",
                         check=check)]

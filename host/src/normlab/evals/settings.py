@@ -1,0 +1,303 @@
+"""Every evaluator's settings, importable without torch.
+
+``SETTINGS`` maps an evaluator's name (a key under ``evaluate:``) to its
+settings model; :func:`validate_evaluators` checks a run file's ``evaluate:``
+section against them (a sweep's nested evaluators included). The CLI runs it
+before torch is imported, so a misspelled evaluator setting is refused as fast
+as a misspelled plugin setting; :func:`normlab.runner.prepare` runs the same
+function. What depends on the run (a sweep's knob declared by an enabled
+plugin, ...) is checked later by each evaluator's ``check``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, PrivateAttr, field_validator, model_validator
+
+from ..config import Strict, validate_section
+from ..errors import UsageError
+
+__all__ = ["SETTINGS", "validate_evaluators", "EvalSettings", "AttackSettings", "BudgetSettings", "Budget",
+           "COMMON", "VALIDATION", "GENERATED", "KNOBS"]
+
+#: imagecorruptions' ``get_corruption_names('common')``, in its order (ImageNet-C's 15)
+COMMON = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+          "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+          "jpeg_compression")
+#: imagecorruptions' ``get_corruption_names('validation')`` (generate only)
+VALIDATION = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+#: the style evaluator's generated domains
+GENERATED = ("invert", "color", "texture")
+#: the evaluation context's fields a sweep may vary
+KNOBS = ("lam", "width", "route")
+
+Norm = Literal["Linf", "L2"]
+
+
+class EvalSettings(Strict):
+    """Settings every evaluator accepts."""
+
+    n_examples: int | None = Field(None, ge=1, description="evaluate on a fixed subset of this many test images")
+    batch_size: int = Field(256, ge=1)
+
+
+class CleanConfig(EvalSettings):
+    pass
+
+
+# --- attacks ------------------------------------------------------------------
+
+def _number(value: Any) -> Any:
+    """Accept ``8/255`` (a string in YAML) wherever a budget or step size is expected."""
+    if not isinstance(value, str):
+        return value
+    try:
+        num, _, den = value.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"expected a number or a fraction such as 8/255, got {value!r}") from None
+
+
+Budget = Annotated[float, BeforeValidator(_number)]
+
+
+class AttackSettings(EvalSettings):
+    """Settings every attack evaluator accepts."""
+
+    seed: int | None = Field(None, ge=0, description="attack randomness seed (default: the run's seed)")
+
+
+class BudgetSettings(AttackSettings):
+    eps: Budget | None = Field(None, ge=0, description="perturbation budget in [0, 1] pixel units, e.g. 8/255 "
+                                                      "(default: the dataset's usual threat model)")
+
+
+class FGSMConfig(BudgetSettings):
+    """FGSM (Goodfellow et al.): one signed-gradient step of size eps (Linf)."""
+
+
+class PGDConfig(BudgetSettings):
+    """PGD (Madry et al.) with a random start in the eps-ball."""
+
+    norm: Norm = "Linf"
+    steps: int = Field(20, ge=1)
+    alpha: Budget | None = Field(None, gt=0, description="step size (default: 2.5 * eps / steps, Madry et al.)")
+    random_start: bool = True
+
+
+class MIFGSMConfig(BudgetSettings):
+    """MI-FGSM (Dong et al.): iterative FGSM with gradient momentum (Linf)."""
+
+    steps: int = Field(10, ge=1)
+    alpha: Budget | None = Field(None, gt=0, description="step size (default: eps / steps, as in the paper)")
+    decay: float = Field(1.0, ge=0, description="momentum decay factor mu")
+
+
+class CWConfig(AttackSettings):
+    """Carlini-Wagner L2 (torchattacks; a fixed constant c, no binary search)."""
+
+    c: float = Field(1.0, gt=0, description="weight of the misclassification term")
+    kappa: float = Field(0.0, ge=0, description="confidence margin")
+    steps: int = Field(100, ge=1)
+    lr: float = Field(0.01, gt=0, description="Adam learning rate in tanh space")
+    eps: Budget | None = Field(None, gt=0, description="count an adversarial example only if its L2 norm is at "
+                                                      "most eps (default: any size counts)")
+
+
+class APGDConfig(BudgetSettings):
+    """APGD (Croce & Hein) as in torchattacks, with the original's 100 iterations by default."""
+
+    norm: Norm = "Linf"
+    steps: int = Field(100, ge=1, description="iterations per restart (torchattacks' default is 10)")
+    n_restarts: int = Field(1, ge=1)
+    rho: float = Field(0.75, gt=0, lt=1, description="step-size halving threshold")
+
+
+class SquareConfig(BudgetSettings):
+    """Square Attack (Andriushchenko et al.): score-based, no gradients."""
+
+    norm: Norm = "Linf"
+    n_queries: int = Field(5000, ge=1)
+    n_restarts: int = Field(1, ge=1)
+    p_init: float = Field(0.8, gt=0, le=1, description="initial fraction of pixels changed per square")
+
+
+class AutoAttackConfig(BudgetSettings):
+    """AutoAttack (Croce & Hein, 2020)."""
+
+    norm: Literal["Linf", "L2", "L1"] = "Linf"
+    version: Literal["standard", "fast", "plus", "rand"] = Field(
+        "standard", description="standard: APGD-CE, APGD-T, FAB-T, Square (100 iterations per APGD); "
+                                "fast: APGD-CE and APGD-T with the standard settings; plus; rand (EOT, for "
+                                "randomised defenses)")
+    implementation: Literal["pyautoattack", "torchattacks"] = Field(
+        "pyautoattack", description="pyautoattack: the original AutoAttack; torchattacks: its re-implementation, "
+                                    "which runs 10 iterations per APGD (weaker; only when asked for)")
+
+    @model_validator(mode="after")
+    def _check_implementation(self):
+        if self.norm == "L1" and self.eps is None:
+            raise ValueError("norm 'L1' has no default budget: set eps")
+        if self.implementation == "torchattacks":
+            if self.version == "fast":
+                raise ValueError("version 'fast' exists only for implementation 'pyautoattack'")
+            if self.norm == "L1":
+                raise ValueError("norm 'L1' exists only for implementation 'pyautoattack'")
+        return self
+
+
+class RobustbenchEvalConfig(EvalSettings):
+    """RobustBench's evaluation (clean and threat-model accuracy), through benchmark() where it works."""
+
+    threat_model: Literal["Linf", "L2", "corruptions"] = "Linf"
+    eps: float | None = Field(None, gt=0, description="budget in [0, 1] pixel units for Linf/L2 (default: "
+                                                      "RobustBench's: 8/255 / 0.5 on CIFAR, 4/255 on ImageNet)")
+    dataset: Literal["cifar10", "cifar100", "imagenet"] | None = Field(
+        None, description="robustbench's benchmark dataset (default: the run's data if CIFAR, else the zoo "
+                          "backbone's dataset, else none: normlab's own test split)")
+    data_dir: str | None = Field(None, description="robustbench's data_dir (default: the run's data.root, "
+                                                   "else normlab's data folder, NORMLAB_DATA)")
+    version: Literal["standard", "fast"] = Field(
+        "standard", description="AutoAttack version; benchmark() runs only standard, so fast always takes the "
+                                "equivalent path")
+    seed: int | None = Field(None, ge=0, description="AutoAttack's seed on the equivalent path (default: the run's)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.threat_model == "corruptions" and self.eps is not None:
+            raise ValueError("eps applies to Linf and L2 only")
+        return self
+
+
+# --- domain shifts ------------------------------------------------------------
+
+class CorruptionsConfig(EvalSettings):
+    corruptions: list[str] = Field(default_factory=lambda: list(COMMON),
+                                   description="imagecorruptions names (default: the 15 of ImageNet-C)")
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="severities, each 1..5")
+    source: Literal["generate", "robustbench"] = Field(
+        "generate", description="generate: imagecorruptions on the test split, cached; robustbench: the released "
+                                "CIFAR-10-C / CIFAR-100-C / ImageNet-C through robustbench's loaders")
+    cache_dir: str | None = Field(None, description="generated sets (default $NORMLAB_DATA/corruptions)")
+    data_dir: str | None = Field(None, description="source robustbench: the folder holding CIFAR-10-C/, "
+                                                   "CIFAR-100-C/ or ImageNet-C/ (default $NORMLAB_DATA)")
+    workers: int | None = Field(None, ge=1, description="processes generating the cache (default: CPU count)")
+    plot: bool = Field(True, description="write plots/corruptions.png into the run directory")
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from normlab_registry import did_you_mean
+
+        known = COMMON + VALIDATION
+        for name in v:
+            if name not in known:
+                raise ValueError(f"unknown corruption {name!r}{did_you_mean(name, known)}; "
+                                 f"known: {', '.join(known)}")
+        if not v or len(set(v)) != len(v):
+            raise ValueError("give at least one corruption, each once")
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v) or any(s not in (1, 2, 3, 4, 5) for s in v):
+            raise ValueError(f"expected distinct severities from 1 to 5, got {v}")
+        return v
+
+
+class StyleConfig(EvalSettings):
+    domains: list[str] | None = Field(
+        None, description=f"generated domains among {GENERATED} (default: all three for mnist, none otherwise)")
+    folders: dict[str, str] = Field(default_factory=dict, description="domain name -> ImageFolder directory")
+    seed: int = Field(0, ge=0, description="seed of the generated domains")
+
+
+class DivergenceConfig(EvalSettings):
+    n_examples: int | None = Field(500, ge=2)
+    domains: list[str] = Field(default_factory=lambda: list(GENERATED),
+                               description=f"generated style domains among {GENERATED}")
+    layers: list[str] | None = Field(None, description="backbone layers (default: the stages, else every norm layer)")
+    seed: int = Field(0, ge=0)
+
+
+# --- sweep --------------------------------------------------------------------
+
+class SweepConfig(Strict):
+    knob: str = Field(description=f"the context field to vary (one of {KNOBS}), plugins.NAME.FIELD or plugins.NAME")
+    values: list[Any] = Field(min_length=1)
+    evaluators: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"clean": {}})
+    _parsed: dict | None = PrivateAttr(None)  # the nested evaluators' validated settings
+    _variants: list | None = PrivateAttr(None)  # plugin knobs: (label, validated plugin settings) per value
+
+    @property
+    def plugin(self) -> str | None:
+        """The plugin whose settings are swept, or None for a context knob."""
+        return self.knob.split(".")[1] if self.knob.startswith("plugins.") else None
+
+    @model_validator(mode="after")
+    def _check(self):
+        parts = self.knob.split(".")
+        if self.plugin is not None:
+            if len(parts) not in (2, 3) or not all(parts):
+                raise ValueError(f"a plugin knob is plugins.NAME or plugins.NAME.FIELD, got {self.knob!r}")
+            if len(parts) == 2 and not all(isinstance(v, dict) and v for v in self.values):
+                raise ValueError("with knob plugins.NAME each value is a mapping of that plugin's settings")
+        elif self.knob not in KNOBS:
+            raise ValueError(f"knob must be one of {KNOBS} or plugins.NAME[.FIELD], got {self.knob!r}")
+        if "sweep" in self.evaluators:
+            raise ValueError("a sweep cannot contain a sweep")
+        if self.knob == "lam" and not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.values):
+            raise ValueError("lam values must be numbers in [0, 1]")
+        return self
+
+
+SETTINGS: dict[str, type[Strict]] = {
+    "clean": CleanConfig,
+    "fgsm": FGSMConfig,
+    "pgd": PGDConfig,
+    "mifgsm": MIFGSMConfig,
+    "cw": CWConfig,
+    "apgd": APGDConfig,
+    "apgd_dlr": APGDConfig,
+    "square": SquareConfig,
+    "autoattack": AutoAttackConfig,
+    "robustbench": RobustbenchEvalConfig,
+    "corruptions": CorruptionsConfig,
+    "style": StyleConfig,
+    "divergence": DivergenceConfig,
+    "sweep": SweepConfig,
+}
+
+
+def validate_evaluators(evaluate: dict[str, Any], source: str) -> dict[str, Strict]:
+    """Each ``evaluate:`` entry validated against its evaluator's settings; a sweep's nested ones too.
+
+    Raises UsageError naming ``source`` and the key (``evaluate.pgd.eps``, an unknown evaluator with
+    the nearest known name, ``evaluate.sweep.evaluators.fgsm``).
+    """
+    from normlab_registry import did_you_mean
+
+    out = {}
+    for name, settings in evaluate.items():
+        if name not in SETTINGS:
+            raise UsageError(f"{source}: evaluate.{name}: unknown evaluator" + did_you_mean(name, list(SETTINGS))
+                             + f"; available: {', '.join(SETTINGS)}")
+        out[name] = validate_section(SETTINGS[name], settings, source, f"evaluate.{name}")
+    if "sweep" in out:
+        nested_evaluators(out["sweep"], source)
+    return out
+
+
+def nested_evaluators(sweep: SweepConfig, source: str) -> None:
+    """A sweep's nested evaluators validated into ``sweep._parsed``."""
+    from normlab_registry import did_you_mean
+
+    parsed = {}
+    for name, settings in sweep.evaluators.items():
+        if name not in SETTINGS:
+            raise UsageError(f"{source}: evaluate.sweep.evaluators.{name}: unknown evaluator"
+                             + did_you_mean(name, list(SETTINGS)))
+        parsed[name] = validate_section(SETTINGS[name], settings, source, f"evaluate.sweep.evaluators.{name}")
+    sweep._parsed = parsed
