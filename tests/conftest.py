@@ -8,6 +8,9 @@ import pytest
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # plugins_for_tests
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker (and its subprocesses): no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 @pytest.fixture(scope="module")
 def one_thread():
