@@ -31,12 +31,13 @@ def tiny_config():
         "seed": 1,
         "model": {"name": "resnet18"},
         "data": {"name": "mnist", "batch_size": 64, "n_train": 256, "image_size": 16},
-        "train": {"epochs": 2, "lr": 0.05, "warmup_epochs": 0.5},
+        "train": {"val_examples": 100, "epochs": 2, "lr": 0.05, "warmup_epochs": 0.5},
         "evaluate": {"clean": {"n_examples": 200}},
     }
 
 
-SMALL_TRAINED = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64}, "train": {"epochs": 2, "lr": 0.05},
+SMALL_TRAINED = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64},
+                 "train": {"val_examples": 100, "epochs": 2, "lr": 0.05},
                  "evaluate": {"clean": {"n_examples": 200}}}
 
 

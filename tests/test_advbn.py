@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def build(model="resnet18", batch_size=16, **plugin):
     """A run built by the host (hooks applied, front frozen), not trained."""
     cfg = parse_run({"seed": 0, "model": {"name": model}, "data": {"batch_size": batch_size},
-                     "train": {"device": "cpu", "epochs": 1}, "plugins": {"advbn": plugin},
+                     "train": {"val_examples": 100, "device": "cpu", "epochs": 1}, "plugins": {"advbn": plugin},
                      "evaluate": {}}, "test.yaml")
     run = prepare(cfg, "test.yaml", quiet=True)
     run.build()
@@ -239,7 +239,8 @@ def test_fine_tune_trains_only_the_tail_and_the_route_knob_evaluates(tmp_path):
             base(torch.randn(16, 3, 32, 32))
     torch.save(base.state_dict(), tmp_path / "base.pt")
     cfg = {"seed": 0, "model": {"name": "resnet18", "checkpoint": str(tmp_path / "base.pt")},
-           "data": {"n_train": 128, "batch_size": 64}, "train": {"epochs": 1, "lr": 0.05, "device": "cpu"},
+           "data": {"n_train": 128, "batch_size": 64},
+           "train": {"val_examples": 100, "epochs": 1, "lr": 0.05, "device": "cpu"},
            "plugins": {"advbn": {"steps": 2}},
            "evaluate": {"clean": {"n_examples": 128},
                         "sweep": {"knob": "route", "values": ["main", "aux", "auto"],

@@ -25,7 +25,7 @@ CONFIG = {
     # than on resnet18 (AutoAttack fast on 100 images: ~10 s instead of minutes)
     "model": {"name": "test_resnet"},
     "data": {"name": "mnist", "batch_size": 64, "n_train": 2000},
-    "train": {"epochs": 3, "lr": 0.05, "warmup_epochs": 0.5},
+    "train": {"val_examples": 100, "epochs": 3, "lr": 0.05, "warmup_epochs": 0.5},
     "evaluate": {"clean": {"n_examples": 200}},
 }
 

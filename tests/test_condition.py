@@ -458,7 +458,7 @@ class StubPGD:
 def test_host_run_checkpoint_holds_the_matrix_and_eval_reloads_it(tmp_path):
     stub = StubPGD()
     cfg = {"seed": 3, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 32, "n_train": 64},
-           "train": {"epochs": 1, "lr": 0.05}, "plugins": {"condition": {}, "pgd": {}},
+           "train": {"val_examples": 100, "epochs": 1, "lr": 0.05}, "plugins": {"condition": {}, "pgd": {}},
            "evaluate": {"clean": {"n_examples": 64}}}
     res = normlab.run(cfg, out=tmp_path / "run", plugins={"pgd": stub}, quiet=True)
     assert len(stub.seen) == 2
@@ -477,7 +477,7 @@ def test_host_run_checkpoint_holds_the_matrix_and_eval_reloads_it(tmp_path):
 def test_oat_with_the_real_pgd_plugin_trains_and_sweeps_lam(tmp_path):
     pytest.importorskip("normlab_pgd")
     cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 64, "n_train": 128},
-           "train": {"epochs": 1, "lr": 0.05},
+           "train": {"val_examples": 100, "epochs": 1, "lr": 0.05},
            "plugins": {"condition": {}, "pgd": {"eps": 0.2, "step_size": 0.1, "steps": 2}},
            "evaluate": {"sweep": {"knob": "lam", "values": [0.0, 0.05, 1.0],
                                   "evaluators": {"clean": {"n_examples": 64},

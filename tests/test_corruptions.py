@@ -264,7 +264,7 @@ def trained(tmp_path_factory):
     config = {
         "seed": 0, "model": {"name": "resnet18"}, "adapt_samples": 32,
         "data": {"name": "mnist", "batch_size": 64, "n_train": 512},
-        "train": {"epochs": 1, "lr": 0.05},
+        "train": {"val_examples": 100, "epochs": 1, "lr": 0.05},
         "plugins": {"recorder": {}},
         "evaluate": {"clean": {"n_examples": 50},
                      "corruptions": {"n_examples": 50, "corruptions": ["gaussian_noise", "contrast", "fog"],

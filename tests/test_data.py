@@ -78,7 +78,7 @@ def test_image_folder_trains_end_to_end(tmp_path):
                 Image.fromarray(img).save(d / f"{i}.png")
     cfg = {"model": {"name": "resnet18"}, "data": {"name": "imagefolder", "root": str(tmp_path / "imgs"),
                                                    "batch_size": 8},
-           "train": {"epochs": 2, "lr": 0.05}}
+           "train": {"val_examples": 100, "epochs": 2, "lr": 0.05}}
     res = normlab.run(cfg, out=tmp_path / "run", quiet=True)
     assert res.metrics["clean/acc"] >= 0.9  # red vs blue is easy
     data = build_data(DataConfig(name="imagefolder", root=str(tmp_path / "imgs")))

@@ -39,7 +39,8 @@ class InterruptAt:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished tiny run (2 epochs of 4 steps) and its config."""
-    cfg = {"seed": 1, "model": {"name": "resnet18"}, "train": {"epochs": 2, "lr": 0.05, "threads": 1},
+    cfg = {"seed": 1, "model": {"name": "resnet18"},
+           "train": {"val_examples": 100, "epochs": 2, "lr": 0.05, "threads": 1},
            "data": {"name": "mnist", "batch_size": 64, "n_train": 256, "image_size": 16},
            "evaluate": {"clean": {"n_examples": 200}}}
     out = tmp_path_factory.mktemp("finished") / "run"

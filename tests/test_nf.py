@@ -342,7 +342,7 @@ def test_registry_declares_the_conflicts(other):
 @pytest.mark.slow
 def test_a_converted_resnet18_trains_from_scratch(tmp_path):
     cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 64, "n_train": 1600},
-           "train": {"epochs": 2, "lr": 0.01, "warmup_epochs": 0.5, "label_smoothing": 0.1},
+           "train": {"val_examples": 100, "epochs": 2, "lr": 0.01, "warmup_epochs": 0.5, "label_smoothing": 0.1},
            "plugins": {"nf": {"calibrate": 64}}, "evaluate": {"clean": {}}}  # calibrate 0 (the default): 0.51
     result = normlab.run(cfg, out=tmp_path / "run", quiet=True)
     assert nf.norm_layers(result.model) == []

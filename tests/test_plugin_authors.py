@@ -82,7 +82,7 @@ class SeesInner:
 
 
 def test_a_missing_requested_layer_names_the_plugin_and_its_key(tmp_path):
-    cfg = {"data": {"image_size": 16, "n_train": 64, "batch_size": 32}, "train": {"epochs": 1},
+    cfg = {"data": {"image_size": 16, "n_train": 64, "batch_size": 32}, "train": {"val_examples": 100, "epochs": 1},
            "plugins": {"asker": {}}}
     with pytest.raises(UsageError, match=r"config: plugins.asker.where: asked for backbone layer 'layer9', which "
                                          r"resnet18 lacks \(its top-level layers: conv1, bn1, .*layer4"):
@@ -93,7 +93,7 @@ def test_a_missing_requested_layer_names_the_plugin_and_its_key(tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_attack_forwards_during_training_have_ctx_inner_set(tmp_path):
     seer = SeesInner()
-    cfg = {"data": {"image_size": 16, "n_train": 32, "batch_size": 32}, "train": {"epochs": 1},
+    cfg = {"data": {"image_size": 16, "n_train": 32, "batch_size": 32}, "train": {"val_examples": 100, "epochs": 1},
            "plugins": {"mixstyle": {"p": 0.0}, "seer": {}, "pgd": {"steps": 2, "eps": 0.1, "step_size": 0.05}},
            "evaluate": {"clean": {"n_examples": 32}}}
     normlab.run(cfg, out=tmp_path / "r", plugins={"seer": seer}, quiet=True)

@@ -172,7 +172,7 @@ def small_run(**robustbench):
         "seed": 1,
         "model": {"name": "test_resnet"},
         "data": {"name": "mnist", "batch_size": 64, "n_train": 512},
-        "train": {"epochs": 1, "lr": 0.05, "threads": 1},
+        "train": {"val_examples": 100, "epochs": 1, "lr": 0.05, "threads": 1},
         "evaluate": {"robustbench": {"n_examples": 8, "batch_size": 8, "eps": 0.3, **robustbench}},
     }
 

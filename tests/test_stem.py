@@ -64,7 +64,7 @@ def test_every_plugin_trains_and_evaluates_on_the_cifar_stem(plugins, tmp_path):
     config = {
         "seed": 0, "adapt_samples": 8, "model": {"name": "resnet18", "stem": "cifar"},
         "data": {"name": "mnist", "image_size": 16, "batch_size": 16, "n_train": 16},
-        "train": {"epochs": 1, "lr": 0.01},
+        "train": {"val_examples": 100, "epochs": 1, "lr": 0.01},
         "plugins": {p: SETTINGS[p] for p in plugins},
         "evaluate": {"clean": {"n_examples": 16}, "style": {"n_examples": 16, "domains": ["invert"]}},
     }

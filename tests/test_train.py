@@ -32,6 +32,10 @@ def test_run_writes_the_run_directory(tiny_config, tmp_path):
     assert all(isinstance(v, float) for v in results["metrics"].values())
     rows = read_metrics(d)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # val_acc is scored on train.val_examples = 100 test images: the clean accuracy of the final model on
+    # the first 100 of the split's fixed order
+    again = normlab.evaluate(d, overrides=['evaluate={"clean": {"n_examples": 100}}'], name="v", quiet=True)
+    assert float(rows[-1]["val_acc"]) == pytest.approx(again.metrics["v/clean/acc"], abs=1e-9)
     # the checkpoint holds exactly the model's tensors, and reloading reproduces the metric
     state = load_file(str(d / "checkpoints" / "epoch-0002" / "model.safetensors"))
     assert set(state) == set(res.model.state_dict())

@@ -122,6 +122,9 @@ class TrainConfig(Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    val_examples: int | None = Field(None, ge=1, description="test images scored after each epoch for the val_acc "
+                                                             "curve: the first of the split's fixed random order "
+                                                             "(default: the whole split)")
 
 
 class RunConfig(Strict):

@@ -173,7 +173,7 @@ def train(run, resume: bool = False) -> list[dict]:
     cfg, model, hooks = run.config.train, run.model, run.hooks
     loader = run.data.loader("train", run.config.data.batch_size, seed=run.config.seed,
                              num_workers=run.config.data.num_workers, n=run.config.data.n_train, drop_last=True)
-    val_loader = run.data.loader("test", 512, shuffle=False)
+    val_loader = run.data.loader("test", 512, shuffle=False, n=cfg.val_examples)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.accumulate))
     opt = build_optimizer(run.trainable_parameters(), cfg)
     sched = build_scheduler(opt, steps_per_epoch, cfg)
