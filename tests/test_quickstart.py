@@ -24,8 +24,10 @@ def test_quickstart_reaches_95_percent_and_prints_the_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert metrics["clean/acc"] >= 0.95
-    table = [line.split() for line in proc.stdout.splitlines()]
+    table = [line.split()[:2] for line in proc.stdout.splitlines()]
     assert ["clean/acc", f"{metrics['clean/acc']:.4f}"] in table  # the results table shows the stored value
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("clean/acc "))
+    assert f"[{metrics['clean/acc/ci_low']:.4f}, {metrics['clean/acc/ci_high']:.4f}]" in row  # and its interval
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)

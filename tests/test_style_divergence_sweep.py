@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normlab
-from normlab.cli import compare_table, main
+from normlab.cli import main
 from normlab.evals.divergence import ChannelStats, symmetric_kl
 from normlab.evals.style import color, invert, texture
 from conftest import copy_run
@@ -142,16 +142,24 @@ def test_sweep_over_plugin_settings_validates_each_value(trained, capsys):
     assert "plugin 'bnrect' is not enabled" in capsys.readouterr().err
 
 
-def test_compare_table_marks_missing_metrics():
-    table = compare_table({"base": {"metrics": {"clean/acc": 0.9, "style/acc": 0.4, "style/invert/acc": 0.2},
-                                    "seed": 0},
-                           "advbn": {"metrics": {"clean/acc": 0.89, "pgd/acc": 0.1}, "seed": 1}})
-    lines = table.splitlines()
-    assert lines[0].split() == ["metric", "base", "advbn"]
-    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    assert rows["clean/acc"] == ["0.9000", "0.8900"]
-    assert rows["pgd/acc"] == ["-", "0.1000"]
-    assert rows["style/invert/acc"] == ["0.2000", "-"]
+def table_rows(out: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A compare table's header cells and its rows by metric (the footnote left out)."""
+    lines = out.splitlines()
+    return lines[0].split(), {ln.split()[0]: ln.split()[1:] for ln in lines[2:] if ln.strip()
+                              and not ln.startswith("differences:")}
+
+
+def test_compare_table_marks_missing_metrics(tmp_path, capsys):
+    for name, metrics, seed in (("base", {"clean/acc": 0.9, "style/acc": 0.4, "style/invert/acc": 0.2}, 0),
+                                ("advbn", {"clean/acc": 0.89, "pgd/acc": 0.1}, 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"metrics": metrics, "seed": seed}))
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "advbn")]) == 0
+    header, rows = table_rows(capsys.readouterr().out)
+    assert header == ["metric", "base", "advbn", "advbn", "-", "base"]
+    assert rows["clean/acc"] == ["0.9000", "0.8900", "-0.0100"]  # no per-example outcomes stored: no test
+    assert rows["pgd/acc"] == ["-", "0.1000", "-"]
+    assert rows["style/invert/acc"] == ["0.2000", "-", "-"]
     assert rows["seed"] == ["0", "1"]
 
 
@@ -162,11 +170,11 @@ def test_compare_shows_an_evaluation_stored_under_a_name(tmp_path, capsys):
                "corruptions/fog/3/acc": 0.25, "bnrect/corruptions/acc": 0.7, "bnrect/corruptions/fog/acc": 0.4}
     (run / "results.json").write_text(json.dumps({"metrics": metrics, "seed": 3}))
     assert main(["compare", str(run), f"{run}:bnrect"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["metric", "base", "base:bnrect"]
-    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    assert rows["corruptions/acc"] == ["0.6000", "0.7000"] and rows["corruptions/fog/acc"] == ["0.2000", "0.4000"]
-    assert rows["clean/acc"] == ["0.9000", "-"] and "corruptions/fog/3/acc" not in rows
+    header, rows = table_rows(capsys.readouterr().out)
+    assert header[:3] == ["metric", "base", "base:bnrect"]
+    assert rows["corruptions/acc"] == ["0.6000", "0.7000", "+0.1000"]
+    assert rows["corruptions/fog/acc"] == ["0.2000", "0.4000", "+0.2000"]
+    assert rows["clean/acc"] == ["0.9000", "-", "-"] and "corruptions/fog/3/acc" not in rows
     assert main(["compare", f"{run}:nope"]) == 2
     assert "no metrics stored under 'nope'" in capsys.readouterr().err
 

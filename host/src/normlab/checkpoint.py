@@ -28,26 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UsageError
+from .results import write_json_atomic
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_model_file", "write_json_atomic", "rng_state",
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_model_file", "rng_state",
            "set_rng_state"]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _b64(t: torch.Tensor) -> str:

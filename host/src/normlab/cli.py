@@ -72,18 +72,48 @@ def _detail(key: str) -> bool:
     return (parts[0] == "corruptions" and len(parts) == 4) or (parts[0] == "divergence" and parts[-1] != "mean")
 
 
+def _interval_key(key: str) -> bool:
+    return key.endswith(("/ci_low", "/ci_high"))
+
+
+def _interval(metrics: dict, key: str) -> str:
+    lo, hi = metrics.get(f"{key}/ci_low"), metrics.get(f"{key}/ci_high")
+    return f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else ""
+
+
 def results_table(results: dict, everything: bool = True) -> str:
-    """The results table of a results.json mapping."""
-    metrics = {k: v for k, v in results.get("metrics", {}).items() if everything or not _detail(k)}
-    if not metrics:
+    """The results table of a results.json mapping: each metric, and the 95% interval over test examples of
+    each accuracy (Wilson; a normal interval of the mean for averages over domains)."""
+    metrics = results.get("metrics", {})
+    keys = [k for k in metrics if not _interval_key(k) and (everything or not _detail(k))]
+    if not keys:
         return "(no metrics)"
-    width = max(len(k) for k in metrics)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+    width = max(len(k) for k in keys)
+    lines = [f"{'metric':<{width}}  value   95% interval", f"{'-' * width}  ------  ----------------"]
+    lines += [f"{k:<{width}}  {metrics[k]:.4f}  {_interval(metrics, k)}".rstrip() for k in keys]
     timing = results.get("timing", {})
     if timing:
         lines.append("")
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
+    return "\n".join(lines)
+
+
+def group_table(group: dict, everything: bool = True) -> str:
+    """A seed group's table: per metric the mean over seeds, its 95% t interval and the value of each seed."""
+    metrics = {k: m for k, m in group["metrics"].items() if everything or not _detail(k)}
+    if not metrics:
+        return "(no metrics)"
+    seeds = group["seeds"]
+    width = max(len(k) for k in metrics)
+    per_seed = "  ".join(f"{'seed ' + str(s):>7}" for s in seeds)
+    lines = [f"{'metric':<{width}}  mean    95% interval (seeds)  " + per_seed,
+             f"{'-' * width}  ------  --------------------  " + "  ".join("-" * 7 for _ in seeds)]
+    for k, m in metrics.items():
+        cells = "  ".join(f"{v:>7.4f}" for v in m["values"])
+        interval = f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]"
+        lines.append(f"{k:<{width}}  {m['mean']:.4f}  {interval:<20}  {cells}")
+    lines.append("")
+    lines.append(f"{len(seeds)} seeds: {', '.join(map(str, seeds))}; {group.get('rule', '')}")
     return "\n".join(lines)
 
 
@@ -192,8 +222,16 @@ def _results(run_dir: str) -> dict:
 
 
 def _show(run_dir: str, everything: bool) -> int:
-    print(results_table(_results(run_dir), everything))
-    hidden = [k for k in _results(run_dir)["metrics"] if _detail(k)]
+    from .group import is_group, read_group
+
+    if is_group(run_dir):
+        group = read_group(run_dir)
+        print(group_table(group, everything))
+        hidden = [k for k in group["metrics"] if _detail(k)]
+    else:
+        results = _results(run_dir)
+        print(results_table(results, everything))
+        hidden = [k for k in results["metrics"] if _detail(k) and not _interval_key(k)]
     if hidden and not everything:
         print(f"({len(hidden)} per-severity/per-layer keys hidden; --all shows them)")
     plots = sorted((Path(run_dir) / "plots").glob("*.png"))
@@ -202,48 +240,129 @@ def _show(run_dir: str, everything: bool) -> int:
     return EXIT_OK
 
 
-def compare_table(runs: dict[str, dict], keys: list[str] | None = None) -> str:
-    """Runs side by side: one row per metric key, one column per run."""
-    metrics = {name: r["metrics"] for name, r in runs.items()}
+class _Entry:
+    """One column of ``normlab compare``: a run (its metrics, per-example outcomes) or a seed group."""
+
+    def __init__(self, spec: str):
+        from .group import is_group, read_group
+
+        d, prefix = spec, None
+        if not Path(d).exists() and ":" in d:
+            d, prefix = d.rsplit(":", 1)
+        self.dir, self.prefix, self.name = Path(d), prefix, Path(d).resolve().name + (f":{prefix}" if prefix else "")
+        self.group = read_group(d) if is_group(d) else None
+        if self.group is not None:
+            if prefix:
+                raise UsageError(f"{spec}: a seed group has no named evaluations; compare its seed runs instead")
+            self.metrics = {k: m["mean"] for k, m in self.group["metrics"].items()}
+            self.intervals = {k: (m["ci_low"], m["ci_high"]) for k, m in self.group["metrics"].items()}
+            self.seed = ",".join(map(str, self.group["seeds"]))
+            return
+        results = _results(d)
+        metrics = results["metrics"]
+        if prefix:
+            metrics = {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + "/")}
+            if not metrics:
+                raise UsageError(f"{d}: no metrics stored under {prefix!r} (run `normlab eval {d} --as {prefix}`)")
+        self.results = {**results, "metrics": metrics}
+        self.metrics = {k: v for k, v in metrics.items() if not _interval_key(k)}
+        self.intervals = {k: (metrics[f"{k}/ci_low"], metrics[f"{k}/ci_high"]) for k in self.metrics
+                          if f"{k}/ci_low" in metrics and f"{k}/ci_high" in metrics}
+        self.seed = str(results.get("seed", "?"))
+        self._outcomes = None
+
+    def outcomes(self) -> dict:
+        """key -> (scores, examples id, binary); {} for a run evaluated before outcomes were stored."""
+        if self._outcomes is None:
+            from .results import OUTCOMES, read_outcomes
+
+            found = read_outcomes(self.dir) if (self.dir / OUTCOMES).is_file() else {}
+            if self.prefix:
+                found = {k[len(self.prefix) + 1:]: v for k, v in found.items() if k.startswith(self.prefix + "/")}
+            self._outcomes = found
+        return self._outcomes
+
+
+def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, str]:
+    """(b - a, p-value or None, the test's name) for one metric of two compare entries."""
+    from . import stats
+
+    diff = b.metrics[key] - a.metrics[key]
+    if a.group is not None and b.group is not None:
+        va, vb = a.group["metrics"][key]["values"], b.group["metrics"][key]["values"]
+        if a.group["seeds"] == b.group["seeds"] and len(va) > 1:
+            return diff, stats.paired_seeds(vb, va)["p"], "paired t over seeds"
+        if len(va) > 1 and len(vb) > 1:
+            from scipy.stats import ttest_ind
+
+            return diff, float(ttest_ind(vb, va, equal_var=False).pvalue), "Welch t over seeds"
+        return diff, None, ""
+    if a.group is None and b.group is None:
+        oa, ob = a.outcomes().get(key), b.outcomes().get(key)
+        if oa is not None and ob is not None and oa[1] == ob[1]:
+            if oa[2] and ob[2]:
+                return diff, stats.mcnemar(ob[0] > 0.5, oa[0] > 0.5)["p"], "McNemar exact"
+            return diff, stats.paired_examples(ob[0], oa[0])["p"], "paired t over examples"
+    return diff, None, ""
+
+
+def compare_table(entries: list[_Entry], keys: list[str] | None = None) -> str:
+    """Runs (or seed groups) side by side: one row per metric, one column per entry with its 95% interval;
+    each entry after the first also gets its difference from the first with a paired test's p-value,
+    ``*`` where p < 0.05 and ``n.s.`` where not."""
+    from .stats import ALPHA
+
     if keys is None:
-        present = list(dict.fromkeys(k for m in metrics.values() for k in m))  # evaluation order
+        present = list(dict.fromkeys(k for e in entries for k in e.metrics))  # evaluation order
         keys = [k for k in HEADLINE if k in present]
         keys += [k for k in present if k.split("/")[0] in ("corruptions", "style") and k.count("/") == 2]
         keys += sorted(k for k in present if k.startswith("sweep/") and k.count("/") == 3 and k.endswith("/acc"))
-    names = list(runs)
-    kw = max([len("metric")] + [len(k) for k in keys])
-    cw = [max(8, len(n)) for n in names]
-    lines = ["  ".join([f"{'metric':<{kw}}"] + [f"{n:>{w}}" for n, w in zip(names, cw)]),
-             "  ".join(["-" * kw] + ["-" * w for w in cw])]
+    base, rest = entries[0], entries[1:]
+    header = ["metric"] + [e.name for e in entries] + [f"{e.name} - {base.name}" for e in rest]
+    rows, tests = [], set()
     for k in keys:
-        cells = [f"{metrics[n][k]:>{w}.4f}" if k in metrics[n] else f"{'-':>{w}}" for n, w in zip(names, cw)]
-        lines.append("  ".join([f"{k:<{kw}}"] + cells))
-    seeds = [str(runs[n].get("seed", "?")) for n in names]
-    lines.append("  ".join([f"{'seed':<{kw}}"] + [f"{s:>{w}}" for s, w in zip(seeds, cw)]))
-    return "\n".join(lines)
+        row = [k]
+        for e in entries:
+            if k not in e.metrics:
+                row.append("-")
+            else:
+                lo_hi = e.intervals.get(k)
+                row.append(f"{e.metrics[k]:.4f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""))
+        for e in rest:
+            if k not in e.metrics or k not in base.metrics:
+                row.append("-")
+                continue
+            diff, p, test = paired_test(base, e, k)
+            if p is None:
+                row.append(f"{diff:+.4f}")
+            else:
+                tests.add(test)
+                row.append(f"{diff:+.4f} p={p:.3g} " + ("*" if p < ALPHA else "n.s."))
+        rows.append(row)
+    rows.append(["seed"] + [e.seed for e in entries] + [""] * len(rest))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
+    if rest:
+        lines.append("")
+        lines.append(f"differences: entry minus {base.name}; * p < {ALPHA}, n.s. not significant"
+                     + (f" ({'; '.join(sorted(tests))})" if tests else "")
+                     + "; intervals: 95% (over test examples for a run, over seeds for a group)")
+    return "\n".join(lines).rstrip()
 
 
 def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None) -> int:
-    runs = {}
+    entries = []
     for d in run_dirs:
-        prefix = None
-        if not Path(d).exists() and ":" in d:
-            d, prefix = d.rsplit(":", 1)
-        results = _results(d)
-        name = Path(d).resolve().name
-        if prefix:
-            name += f":{prefix}"
-            metrics = {k[len(prefix) + 1:]: v for k, v in results["metrics"].items() if k.startswith(prefix + "/")}
-            if not metrics:
-                raise UsageError(f"{d}: no metrics stored under {prefix!r} (run `normlab eval {d} --as {prefix}`)")
-            results = {**results, "metrics": metrics}
-        while name in runs:
-            name += "'"
-        runs[name] = results
-    print(compare_table(runs, [k.strip() for k in keys.split(",") if k.strip()] if keys else None))
+        e = _Entry(d)
+        while e.name in [x.name for x in entries]:
+            e.name += "'"
+        entries.append(e)
+    print(compare_table(entries, [k.strip() for k in keys.split(",") if k.strip()] if keys else None))
     if plot:
         from .plots import sara_plot
 
+        runs = {e.name: {"metrics": e.metrics} for e in entries}
         written = sara_plot(runs, Path(plot))
         print(f"plot: {written}" if written else "plot: no run has both a clean and an attack accuracy")
     return EXIT_OK
@@ -353,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
             result = runner.run(args.file, out=args.out, overrides=args.overrides, resume=args.resume, quiet=quiet)
         else:
             result = runner.evaluate(args.run_dir, overrides=args.overrides, quiet=quiet, name=args.name)
+        if isinstance(result, runner.GroupResult):
+            print(group_table(result.summary, everything=False))
+            print(f"\nseed group: {result.dir} (runs: {', '.join(p.name for p in result.runs.values())})")
+            return EXIT_OK
         print(results_table(json.loads((result.dir / "results.json").read_text()), everything=False))
         print(f"\nrun directory: {result.dir}")
         return EXIT_OK

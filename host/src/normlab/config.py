@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -129,6 +129,10 @@ class TrainConfig(Strict):
 
 class RunConfig(Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seeds stop at 2**32 - 1")
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] | None = Field(
+        None, min_length=1, max_length=100,
+        description="one run per seed (OUT/seed-N) and a group summary (OUT/group.json): mean and 95% interval "
+                    "over seeds; replaces seed")
     adapt_samples: int = Field(
         128, ge=1, le=100_000,
         description="unlabeled samples each test domain offers to on_domain (test-time adaptation): the first "
@@ -141,8 +145,17 @@ class RunConfig(Strict):
     evaluate: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"clean": {}}, description="evaluator name -> its settings")
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"each seed once, got {v}")
+        return v
+
     @model_validator(mode="after")
     def _one_batch_at_least(self) -> "RunConfig":
+        if self.seeds is not None and "seed" in self.model_fields_set:
+            raise ValueError("give seed or seeds, not both")
         d = self.data
         if self.train.epochs and d.n_train is not None and d.n_train < d.batch_size:
             raise ValueError(f"data.n_train ({d.n_train}) is smaller than data.batch_size ({d.batch_size}): an "

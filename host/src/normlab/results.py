@@ -1,16 +1,56 @@
-"""Reading a run directory's ``results.json`` (no torch: ``normlab show`` and ``compare`` import only this)."""
+"""A run directory's ``results.json`` and ``correct.safetensors`` (no torch: ``normlab show`` and ``compare``
+import only this)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["read_results"]
+__all__ = ["read_results", "write_outcomes", "read_outcomes", "OUTCOMES", "write_atomic", "write_json_atomic",
+           "write_text_atomic"]
 
 MAX_RESULTS_BYTES = 64 << 20
+
+
+def write_atomic(path: str | Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then ``os.replace`` it there: readers see the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+    write_atomic(path, write)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: Path, what: str):
+    """A normlab JSON file, bounded in size; one line naming the file when it is not JSON."""
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        raise UsageError(f"{path}: larger than {MAX_RESULTS_BYTES} bytes; not a normlab {what} file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
 
 
 def read_results(run_dir: str | Path, required: bool = True) -> dict:
@@ -24,12 +64,7 @@ def read_results(run_dir: str | Path, required: bool = True) -> dict:
         if required:
             raise UsageError(f"{run_dir}: no results.json (not a finished normlab run)")
         return {}
-    if path.stat().st_size > MAX_RESULTS_BYTES:
-        raise UsageError(f"{path}: larger than {MAX_RESULTS_BYTES} bytes; not a normlab results file")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    results = read_json(path, "results")
     if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
         raise UsageError(f"{path}: expected an object with a `metrics` mapping")
     for key, value in results["metrics"].items():
@@ -39,3 +74,87 @@ def read_results(run_dir: str | Path, required: bool = True) -> dict:
         if not isinstance(results.get(section, {}), dict):
             raise UsageError(f"{path}: {section}: expected a mapping")
     return results
+
+
+OUTCOMES = "correct.safetensors"
+
+
+def write_outcomes(run_dir: str | Path, outcomes: dict) -> None:
+    """Merge per-example outcomes (:class:`normlab.evals.Outcome`) into ``RUN_DIR/correct.safetensors``.
+
+    One uint8 tensor of packed bits per accuracy measured on examples (the example order is the
+    evaluation order); averages store only the keys they average. The metadata entry ``normlab`` is a
+    JSON object: key -> ``{"n", "examples"}`` or ``{"of", "examples"}``.
+    """
+    if not outcomes:
+        return
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from .stats import pack
+
+    index, tensors = _read_index(run_dir, required=False)
+    for key, o in outcomes.items():
+        if o.binary:
+            tensors[key] = pack(np.asarray(o.scores) > 0.5)
+            index[key] = {"n": int(np.asarray(o.scores).size), "examples": o.examples}
+        else:
+            tensors.pop(key, None)
+            index[key] = {"of": list(o.of), "examples": o.examples}
+    write_atomic(Path(run_dir) / OUTCOMES, lambda tmp: save_file(tensors, tmp, metadata={"normlab": json.dumps(index)}))
+
+
+def _read_index(run_dir: str | Path, required: bool = True) -> tuple[dict, dict]:
+    path = Path(run_dir) / OUTCOMES
+    if not path.is_file():
+        if required:
+            raise UsageError(f"{run_dir}: no {OUTCOMES} (per-example results are stored by normlab 0.1 runs "
+                             f"evaluated after this file was introduced: run `normlab eval {run_dir}`)")
+        return {}, {}
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        raise UsageError(f"{path}: larger than {MAX_RESULTS_BYTES} bytes; not a normlab outcomes file")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            index = json.loads((f.metadata() or {}).get("normlab", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise UsageError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(index, dict):
+        raise UsageError(f"{path}: metadata `normlab`: expected a mapping of keys")
+    for key, entry in index.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("examples"), str) and (
+            (isinstance(entry.get("n"), int) and key in tensors and tensors[key].size * 8 >= entry["n"] > 0)
+            or (isinstance(entry.get("of"), list) and all(k in index for k in entry["of"]) and entry["of"]))
+        if not ok:
+            raise UsageError(f"{path}: {key}: expected packed bits with their count, or the keys averaged")
+    return index, tensors
+
+
+def read_outcomes(run_dir: str | Path) -> dict[str, tuple]:
+    """key -> (per-example scores as a float array, examples id, binary) for every stored accuracy."""
+    import numpy as np
+
+    from .stats import unpack
+
+    index, tensors = _read_index(run_dir)
+    out: dict[str, tuple] = {}
+
+    def scores(key: str, depth: int = 0):
+        if key not in out:
+            entry = index[key]
+            if "n" in entry:
+                out[key] = (unpack(tensors[key], entry["n"]).astype(np.float64), entry["examples"], True)
+            else:
+                if depth > 8:
+                    raise UsageError(f"{Path(run_dir) / OUTCOMES}: {key}: averages nested too deep")
+                parts = [scores(k, depth + 1)[0] for k in entry["of"]]
+                if len({p.size for p in parts}) != 1:
+                    raise UsageError(f"{Path(run_dir) / OUTCOMES}: {key}: its parts differ in length")
+                out[key] = (np.mean(parts, axis=0), entry["examples"], False)
+        return out[key]
+
+    for key in index:
+        scores(key)
+    return out

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
+from .checkpoint import load_checkpoint
 from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
 from .context import Context
 from .data import DataBundle, build_data, fixed_order, take
@@ -36,10 +36,10 @@ from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_
 from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
                     set_trainable, weights_mismatch)
 from .plots import training_curves
-from .results import read_results
+from .results import read_results, write_json_atomic, write_outcomes, write_text_atomic
 from .train import train
 
-__all__ = ["Run", "RunResult", "prepare", "run", "evaluate", "load_model"]
+__all__ = ["Run", "RunResult", "GroupResult", "prepare", "run", "evaluate", "load_model"]
 
 log = logging.getLogger("normlab")
 
@@ -337,7 +337,7 @@ def _holder(run_dir: Path) -> str | None:
     return None
 
 
-def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
+def _new_run_dir(out: str | Path | None, source: str, resume: bool, marker: str = "run.yaml") -> Path:
     if out is None:
         if resume:
             raise UsageError("--resume: needs --out DIR naming the run to continue")
@@ -353,8 +353,8 @@ def _new_run_dir(out: str | Path | None, source: str, resume: bool) -> Path:
     if holder is not None:
         raise _busy("--out", out, holder)
     if resume:
-        if not (out / "run.yaml").is_file():
-            raise UsageError(f"--out {out}: no run to resume there (run.yaml is missing)")
+        if not (out / marker).is_file():
+            raise UsageError(f"--out {out}: no run to resume there ({marker} is missing)")
     elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise UsageError(f"--out {out}: the directory exists and is not empty; pass --resume to continue "
                          f"that run or choose another directory")
@@ -410,6 +410,8 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
     :class:`RunFailure` for failures while running.
     """
     cfg, source = _load_config(config, overrides)
+    if cfg.seeds is not None:
+        return _run_seeds(config, cfg, source, out, overrides, resume, plugins, quiet)
     r = prepare(cfg, source, plugins, quiet)
     run_dir = _new_run_dir(out, source, resume)
     r.build()
@@ -423,6 +425,51 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
                               yaml.safe_dump({**r.resolved(), "versions": r.versions()}, sort_keys=False))
         with _logged(run_dir):
             return _train_and_evaluate(r, resume)
+
+
+@dataclasses.dataclass
+class GroupResult:
+    """What :func:`run` returns for a run file with ``seeds``: the group directory, its summary
+    (``group.json``: per metric the mean, 95% interval over seeds and the values) and each seed's run
+    directory."""
+
+    dir: Path
+    summary: dict
+    runs: dict[int, Path]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The mean over seeds of every metric all runs report."""
+        return {k: m["mean"] for k, m in self.summary["metrics"].items()}
+
+
+def _run_seeds(config, cfg: RunConfig, source: str, out, overrides: Sequence[str], resume: bool, plugins,
+               quiet) -> GroupResult:
+    """One run per seed into OUT/seed-N, then OUT/group.json. Resuming skips finished seeds and resumes the
+    others (a seed killed before its first checkpoint starts over)."""
+    from .group import GROUP_YAML, seed_dir, summarize
+
+    prepare(cfg.model_copy(update={"seeds": None}), source, plugins, quiet)  # everything checkable, before any run
+    group_dir = _new_run_dir(out, source, resume, marker=GROUP_YAML)
+    group_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(group_dir, "--out"):
+        if resume:
+            saved = read_yaml(group_dir / GROUP_YAML)
+            if saved.get("seeds") != cfg.seeds:
+                raise UsageError(f"{group_dir / GROUP_YAML}: the group was started with seeds {saved.get('seeds')}, "
+                                 f"not {cfg.seeds}")
+        else:
+            write_text_atomic(group_dir / GROUP_YAML, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        runs = {}
+        for seed in cfg.seeds:
+            sub = seed_dir(group_dir, seed)
+            runs[seed] = sub
+            if resume and (sub / "results.json").is_file():
+                continue
+            log.info("seed group %s: seed %d (%d of %d)", group_dir, seed, cfg.seeds.index(seed) + 1, len(cfg.seeds))
+            run(config, out=sub, overrides=[*overrides, f"seed={seed}", "seeds=null"],
+                resume=resume and (sub / "run.yaml").is_file(), plugins=plugins, quiet=quiet)
+        return GroupResult(group_dir, summarize(group_dir, cfg.seeds), runs)
 
 
 def _train_and_evaluate(r: Run, resume: bool) -> RunResult:
@@ -479,15 +526,20 @@ def _evaluate(r: Run, timing: dict, name: str | None = None) -> Report:
             "adapt_samples": r.config.adapt_samples, "positions": adapted}
     timing[f"{name}/eval" if name else "eval"] = time.perf_counter() - t0
     if name:
-        report.metrics = {f"{name}/{k}": v for k, v in report.metrics.items()}
-        report.records = {f"{name}/{k}": v for k, v in report.records.items()}
+        named = Report()
+        named.include(report, f"{name}/")
+        named.records = {f"{name}/{k}": v for k, v in report.records.items()}
+        named.plots = report.plots
+        report = named
     return report
 
 
 def _write_results(r: Run, report: Report, timing: dict) -> None:
-    """Merge into results.json: metrics and records of earlier evaluations stay unless recomputed."""
+    """Merge into results.json (and correct.safetensors): what earlier evaluations stored stays unless
+    recomputed."""
     path = r.dir / "results.json"
     previous = read_results(r.dir, required=False)
+    write_outcomes(r.dir, report.outcomes)
     write_json_atomic(path, {
         "metrics": {**previous.get("metrics", {}), **report.metrics},
         "timing": {**previous.get("timing", {}), **timing},

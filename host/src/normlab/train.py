@@ -7,19 +7,20 @@ import csv
 import io
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import last_checkpoint, load_checkpoint, remove_partial, save_checkpoint, write_text_atomic
+from .checkpoint import last_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .results import write_text_atomic
 from .config import _short
 from .context import Context
 from .data import Batch
 from .errors import RunFailure
 
-__all__ = ["LossTerms", "build_optimizer", "build_scheduler", "train", "autocast", "evaluate_accuracy",
+__all__ = ["Scores", "LossTerms", "build_optimizer", "build_scheduler", "train", "autocast", "evaluate_accuracy",
            "domain_accuracy", "as_batch"]
 
 
@@ -94,31 +95,45 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+class Scores(NamedTuple):
+    """Per-example results of an evaluation pass, in evaluation order (CPU tensors)."""
+
+    correct: torch.Tensor  # bool: top-1 prediction is the label
+    correct5: torch.Tensor | None  # bool: the label is among the top 5 (more than 10 classes only)
+    labels: torch.Tensor
+
+    @property
+    def acc(self) -> float:
+        return int(self.correct.sum()) / max(self.correct.numel(), 1)
+
+
 @torch.no_grad()
-def evaluate_accuracy(run, loader, desc: str = "eval", ctx: Context | None = None) -> tuple[float, float | None]:
-    """Top-1 (and top-5 when there are more than 10 classes) of ``run.model`` in eval mode."""
+def evaluate_accuracy(run, loader, desc: str = "eval", ctx: Context | None = None) -> Scores:
+    """Per-example top-1 (and top-5 when there are more than 10 classes) of ``run.model`` in eval mode."""
     model = run.model
     was_training = model.training
     model.eval()
     ctx = ctx or Context(run=run)
-    correct1 = torch.zeros((), dtype=torch.long, device=run.device)
-    correct5 = torch.zeros_like(correct1)
-    n = 0
+    top1, top5, labels = [], [], []
     with ctx.active():
         for x, y in tqdm(loader, desc=desc, leave=False, disable=run.quiet):
             x, y = run.to_device(x), y.to(run.device)
             with autocast(run.device, run.config.train.amp):
                 logits = model(x).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += (top[:, 0] == y).sum()  # counted on the device: no sync per batch
-            correct5 += (top == y[:, None]).any(dim=1).sum()
-            n += y.numel()
+            top1.append(top[:, 0] == y)  # kept on the device: no sync per batch
+            top5.append((top == y[:, None]).any(dim=1))
+            labels.append(y)
     model.train(was_training)
-    top5 = correct5.item() / n if run.data.num_classes > 10 else None
-    return correct1.item() / max(n, 1), top5
+
+    def cat(parts, dtype):
+        return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype)
+
+    return Scores(cat(top1, torch.bool), cat(top5, torch.bool) if run.data.num_classes > 10 else None,
+                  cat(labels, torch.long))
 
 
-def domain_accuracy(run, loader, domain: str = "clean", ctx: Context | None = None) -> tuple[float, float | None]:
+def domain_accuracy(run, loader, domain: str = "clean", ctx: Context | None = None) -> Scores:
     """:func:`evaluate_accuracy` of a test-split loader inside ``run.domain(domain, ...)``.
 
     The adaptation samples are the test split's (:meth:`~normlab.runner.Run.domain_samples`). The
@@ -229,7 +244,7 @@ def train(run, resume: bool = False) -> list[dict]:
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums.get("loss", 0) / steps,
                "train_acc": correct / max(seen, 1)}
         row.update({f"loss/{n}": v / steps for n, v in sums.items() if n != "loss"})
-        row["val_acc"], _ = domain_accuracy(run, val_loader)
+        row["val_acc"] = domain_accuracy(run, val_loader).acc
         row["seconds"] = time.perf_counter() - t0
         if hooks.implemented("on_epoch"):
             _epoch_hooks(run, epoch, row)

@@ -24,20 +24,38 @@ from .settings import SETTINGS, EvalSettings
 if TYPE_CHECKING:
     from ..context import Context
 
-__all__ = ["Report", "Evaluator", "EvalSettings", "EVALUATORS", "BuiltinEvaluators", "test_loader"]
+__all__ = ["Report", "Outcome", "Evaluator", "EvalSettings", "EVALUATORS", "BuiltinEvaluators", "test_loader"]
+
+
+class Outcome:
+    """Per-example result behind one accuracy: ``scores`` (1.0 / 0.0 per example, or for an average of
+    accuracies the fraction of its parts that got the example right), ``examples`` (which examples:
+    :func:`normlab.stats.examples_id`) and, for an average, the keys it averages (``of``)."""
+
+    def __init__(self, scores, examples: str, of: tuple[str, ...] = ()):
+        self.scores, self.examples, self.of = scores, examples, tuple(of)
+
+    @property
+    def binary(self) -> bool:
+        return not self.of
 
 
 class Report:
     """Flat metrics with slash-separated keys (``clean/acc``), numbers only.
 
-    ``records`` holds what is not a number but belongs in results.json (which
-    samples a plugin adapted on, ...); ``plots`` maps names to PNG paths.
+    Accuracies measured on examples are added with :meth:`accuracy` (or :meth:`mean_accuracy` for an
+    average of such accuracies over the same examples): besides the value, the report keeps
+    ``<key>/ci_low`` and ``<key>/ci_high`` (a 95% interval over the examples, see :mod:`normlab.stats`)
+    and the per-example outcome in ``outcomes`` (stored in the run directory's ``correct.safetensors``,
+    which ``normlab compare`` pairs). ``records`` holds what is not a number but belongs in
+    results.json (which samples a plugin adapted on, ...); ``plots`` maps names to PNG paths.
     """
 
     def __init__(self):
         self.metrics: dict[str, float] = {}
         self.records: dict[str, object] = {}
         self.plots: dict[str, str] = {}
+        self.outcomes: dict[str, Outcome] = {}
 
     def add(self, key: str, value: float) -> None:
         value = float(value)
@@ -48,6 +66,57 @@ class Report:
     def update(self, metrics: dict[str, float], prefix: str = "") -> None:
         for k, v in metrics.items():
             self.add(f"{prefix}{k}", v)
+
+    def accuracy(self, key: str, correct, labels) -> float:
+        """Add the accuracy of per-example ``correct`` (bools, evaluation order) on examples with ``labels``,
+        its Wilson interval, and the outcome; return the accuracy."""
+        import numpy as np
+
+        from ..stats import examples_id, wilson
+
+        correct = np.asarray(_numpy(correct), dtype=bool).reshape(-1)
+        n, k = correct.size, int(correct.sum())
+        if n == 0:
+            raise ValueError(f"accuracy {key!r} over no examples")
+        self.add(key, k / n)
+        lo, hi = wilson(k, n)
+        self.add(f"{key}/ci_low", lo)
+        self.add(f"{key}/ci_high", hi)
+        self.outcomes[key] = Outcome(correct.astype(np.float64), examples_id(_numpy(labels)))
+        return k / n
+
+    def mean_accuracy(self, key: str, keys: list[str]) -> float:
+        """Add the mean of accuracies already in the report. Over the same examples it is the mean of the
+        per-example scores and gets a normal interval over examples; otherwise only the mean is added."""
+        import numpy as np
+
+        from ..stats import mean_interval
+
+        mean = float(np.mean([self.metrics[k] for k in keys]))
+        parts = [self.outcomes.get(k) for k in keys]
+        if all(parts) and len({p.examples for p in parts}) == 1:
+            scores = np.mean([p.scores for p in parts], axis=0)
+            self.add(key, float(scores.mean()))
+            lo, hi = mean_interval(scores)
+            self.add(f"{key}/ci_low", lo)
+            self.add(f"{key}/ci_high", hi)
+            self.outcomes[key] = Outcome(scores, parts[0].examples, tuple(keys))
+            return self.metrics[key]
+        self.add(key, mean)
+        return mean
+
+    def include(self, other: Report, prefix: str) -> None:
+        """Another report's metrics and outcomes under ``prefix`` (``sweep/lam=0.5/``, ``NAME/``)."""
+        self.update(other.metrics, prefix)
+        for k, o in other.outcomes.items():
+            self.outcomes[f"{prefix}{k}"] = Outcome(o.scores, o.examples, tuple(f"{prefix}{p}" for p in o.of))
+
+
+def _numpy(values):
+    """A tensor (any device) or array-like as a numpy array."""
+    if hasattr(values, "detach"):
+        return values.detach().cpu().numpy()
+    return values
 
 
 class Evaluator:

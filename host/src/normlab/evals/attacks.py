@@ -160,14 +160,14 @@ AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: str | None,
               eps: float | None, count_if: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
               ) -> dict[str, Any]:
-    """Attack the correctly classified images of the evaluator's subset; return counts.
+    """Attack the correctly classified images of the evaluator's subset; return per-image results.
 
     ``build()`` is called once, in attack mode, and returns ``attack(x, y) -> x_adv``.
     ``count_if(x, x_adv)`` (per image, bool) can reject adversarial examples
     that exceed a budget the attack itself does not enforce (CW's ``eps``).
     """
     run = ctx.run
-    n = n_clean = n_robust = 0
+    clean, robust_all, labels = [], [], []
     sizes: list[torch.Tensor] = []  # L2 sizes of the successful adversarial examples
     # the forked RNG covers the loader too: iterating a DataLoader draws from torch's global RNG
     with seeded(run.device, _seed(run, cfg)), attack_mode(model), ctx.active():
@@ -192,17 +192,17 @@ def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: s
                     robust[idx] = still
                     if not still.all():
                         sizes.append((x_adv[~still] - xc[~still]).flatten(1).float().norm(dim=1).cpu())
-                n += y.numel()
-                n_clean += int(correct.sum())
-                n_robust += int(robust.sum())
+                clean.append(correct.cpu())
+                robust_all.append(robust.cpu())
+                labels.append(y.cpu())
             _check_buffers(name, model, before)
-    return {"n": n, "clean": n_clean, "robust": n_robust, "l2": torch.cat(sizes) if sizes else torch.empty(0)}
+    return {"clean": torch.cat(clean), "robust": torch.cat(robust_all), "labels": torch.cat(labels),
+            "l2": torch.cat(sizes) if sizes else torch.empty(0)}
 
 
 def _report(report, key: str, res: dict, eps: float | None) -> None:
-    n = max(res["n"], 1)
-    report.add(f"{key}/acc", res["robust"] / n)
-    report.add(f"{key}/clean_acc", res["clean"] / n)
+    report.accuracy(f"{key}/acc", res["robust"], res["labels"])
+    report.accuracy(f"{key}/clean_acc", res["clean"], res["labels"])
     if eps is not None:
         report.add(f"{key}/eps", eps)
 
@@ -344,7 +344,7 @@ def autoattack(model, ctx, report, cfg: AutoAttackConfig) -> None:
 
     res = _evaluate(f"autoattack ({tag})", model, ctx, cfg, build, cfg.norm, eps)
     _report(report, "autoattack", res, eps)
-    report.add(f"autoattack/{tag}/acc", res["robust"] / max(res["n"], 1))
+    report.accuracy(f"autoattack/{tag}/acc", res["robust"], res["labels"])
 
 
 EVALUATORS = [

@@ -8,10 +8,10 @@ from .settings import CleanConfig
 
 
 def clean(model, ctx, report, cfg: CleanConfig) -> None:
-    top1, top5 = domain_accuracy(ctx.run, test_loader(ctx.run, cfg), "clean", ctx)
-    report.add("clean/acc", top1)
-    if top5 is not None:
-        report.add("clean/top5", top5)
+    scores = domain_accuracy(ctx.run, test_loader(ctx.run, cfg), "clean", ctx)
+    report.accuracy("clean/acc", scores.correct, scores.labels)
+    if scores.correct5 is not None:
+        report.accuracy("clean/top5", scores.correct5, scores.labels)
 
 
 EVALUATORS = [Evaluator("clean", clean, "top-1 accuracy on the test split (top-5 above 10 classes)")]

@@ -268,7 +268,7 @@ class CorruptionCache:
         return int(self.meta().get("filled", {}).get(name, 0))
 
     def _write_meta(self, meta: dict) -> None:
-        from ..checkpoint import write_json_atomic
+        from ..results import write_json_atomic
 
         write_json_atomic(self.root / "meta.json", meta)
 
@@ -459,12 +459,14 @@ class _Batches:
                 yield self._convert(x[i: i + self.bs]), labels[a + i: a + i + self.bs]
 
 
-def _accuracy(run, ctx, domain: str, images, labels, batch_size: int, desc: str, adapt) -> float:
-    """Accuracy on ``images`` inside ``run.domain``, ``adapt = (images, positions)`` its adaptation samples."""
+def _accuracy(run, ctx, report, key: str, domain: str, images, labels, batch_size: int, desc: str,
+              adapt) -> float:
+    """Accuracy on ``images`` inside ``run.domain`` into ``report[key]``, ``adapt = (images, positions)`` its
+    adaptation samples."""
     samples = _Batches(run, adapt[0], np.zeros(len(adapt[0])), len(adapt[0])).first()
     with run.domain(domain, samples, ctx, adapt[1]):
-        top1, _ = evaluate_accuracy(run, _Batches(run, images, labels, batch_size), desc=desc, ctx=ctx)
-    return top1
+        scores = evaluate_accuracy(run, _Batches(run, images, labels, batch_size), desc=desc, ctx=ctx)
+    return report.accuracy(key, scores.correct, scores.labels)
 
 
 class _Generated:
@@ -591,24 +593,23 @@ def corruptions(model, ctx, report, cfg: CorruptionsConfig) -> None:
     run = ctx.run
     sets = _Robustbench(run, cfg) if cfg.source == "robustbench" else _Generated(run, cfg)
     images, labels, adapt = sets.clean()
-    clean_acc = _accuracy(run, ctx, "clean", images, labels, cfg.batch_size, "corruptions: clean", adapt)
+    clean_acc = _accuracy(run, ctx, report, "corruptions/clean_acc", "clean", images, labels, cfg.batch_size,
+                          "corruptions: clean", adapt)
     acc: dict[tuple[str, int], float] = {}
     bar = tqdm(total=len(cfg.corruptions) * len(cfg.severities), desc="corruptions", disable=run.quiet)
     for name in cfg.corruptions:
         for s in cfg.severities:
             images, labels, adapt = sets.get(name, s)
-            acc[name, s] = _accuracy(run, ctx, f"corruptions/{name}/{s}", images, labels, cfg.batch_size,
-                                     f"{name} {s}", adapt)
-            report.add(f"corruptions/{name}/{s}/acc", acc[name, s])
+            acc[name, s] = _accuracy(run, ctx, report, f"corruptions/{name}/{s}/acc", f"corruptions/{name}/{s}",
+                                     images, labels, cfg.batch_size, f"{name} {s}", adapt)
             bar.update()
             bar.set_postfix(acc=f"{acc[name, s]:.3f}")
     bar.close()
     for name in cfg.corruptions:
-        report.add(f"corruptions/{name}/acc", float(np.mean([acc[name, s] for s in cfg.severities])))
-    mean = float(np.mean(list(acc.values())))
-    report.add("corruptions/acc", mean)
+        report.mean_accuracy(f"corruptions/{name}/acc", [f"corruptions/{name}/{s}/acc" for s in cfg.severities])
+    # the mean over corruptions of the means over severities: every set counts the same
+    mean = report.mean_accuracy("corruptions/acc", [f"corruptions/{name}/acc" for name in cfg.corruptions])
     report.add("corruptions/error", 1.0 - mean)
-    report.add("corruptions/clean_acc", clean_acc)
     report.add("corruptions/drop", clean_acc - mean)
     if clean_acc > 0:
         report.add("corruptions/relative_drop", (clean_acc - mean) / clean_acc)

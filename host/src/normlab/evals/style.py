@@ -134,21 +134,21 @@ def style(model, ctx, report, cfg: StyleConfig) -> None:
     if not names and not cfg.folders:
         raise UsageError(f"{run.source}: evaluate.style: no domains: name generated `domains` or ImageFolder "
                          f"`folders` (generated domains default to all only for mnist)")
-    accs = []
+    keys = []
     for name in names:
         x, y, (samples, positions) = generated_domain(run, name, cfg)
         loader = [(x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]) for i in range(0, len(y), cfg.batch_size)]
         with run.domain(f"style/{name}", samples, ctx, positions):
-            acc, _ = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
-        report.add(f"style/{name}/acc", acc)
-        accs.append(acc)
+            scores = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
+        report.accuracy(f"style/{name}/acc", scores.correct, scores.labels)
+        keys.append(f"style/{name}/acc")
     for name, path in cfg.folders.items():
         loader, (samples, positions) = _folder_loader(run, name, path, cfg)
         with run.domain(f"style/{name}", samples, ctx, positions):
-            acc, _ = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
-        report.add(f"style/{name}/acc", acc)
-        accs.append(acc)
-    report.add("style/acc", sum(accs) / len(accs))
+            scores = evaluate_accuracy(run, loader, desc=f"style/{name}", ctx=ctx)
+        report.accuracy(f"style/{name}/acc", scores.correct, scores.labels)
+        keys.append(f"style/{name}/acc")
+    report.mean_accuracy("style/acc", keys)
 
 
 EVALUATORS = [Evaluator("style", style, "accuracy on appearance-shifted domains of the test split")]

@@ -80,7 +80,7 @@ def sweep(model, ctx, report, cfg: SweepConfig) -> None:
                 EVALUATORS[name].fn(model, sub_ctx, sub, settings)
         finally:
             restore()
-        report.update(sub.metrics, prefix=f"sweep/{label}/")
+        report.include(sub, f"sweep/{label}/")
         rows.append((tick, sub.metrics))
     if run.dir is not None:
         stem = f"sweep_{cfg.knob.removeprefix('plugins.')}"

@@ -1,0 +1,197 @@
+"""Issue 14: intervals, paired tests, per-example outcomes and seed groups."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+import normlab
+from normlab import stats
+from normlab.cli import main
+from normlab.evals import Report
+from normlab.results import read_outcomes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_wilson_970_of_1000_equals_the_formula_and_scipys_independent_implementation():
+    from scipy.stats import binomtest
+
+    lo, hi = stats.wilson(970, 1000)
+    z, p, n = 1.959963984540054, 0.97, 1000
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    ref = binomtest(970, 1000).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    assert (round(lo, 4), round(hi, 4)) == (0.9575, 0.9789)
+    assert stats.wilson(0, 10)[0] == 0.0 and stats.wilson(10, 10)[1] == 1.0
+
+
+def test_mcnemar_equals_the_exact_binomial_and_one_image_is_not_significant():
+    a = np.array([1] * 8 + [0] * 2 + [1] * 50 + [0] * 40, dtype=bool)
+    b = np.array([0] * 8 + [1] * 2 + [1] * 50 + [0] * 40, dtype=bool)
+    r = stats.mcnemar(a, b)
+    assert (r["only_a"], r["only_b"]) == (8, 2)
+    # P[X <= 2] for X ~ binomial(10, 1/2) is (1 + 10 + 45) / 1024; two-sided: twice that
+    assert r["p"] == pytest.approx(2 * 56 / 1024, abs=1e-12) and r["diff"] == pytest.approx(6 / 100)
+    one = b.copy()
+    one[-1] = True  # differ by one image
+    assert stats.mcnemar(b, one)["p"] == 1.0 and stats.mcnemar(b, b)["p"] == 1.0
+    lopsided = stats.mcnemar(np.ones(30, bool), np.zeros(30, bool))
+    assert lopsided["p"] == pytest.approx(2 * 0.5 ** 30)
+
+
+def test_seed_interval_and_mean_interval_equal_hand_computations():
+    mean, lo, hi = stats.seed_interval([0.90, 0.92, 0.94])
+    half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t(0.975, 2 dof) * sd / sqrt(n)
+    assert (mean, lo, hi) == pytest.approx((0.92, 0.92 - half, 0.92 + half), abs=1e-9)
+    assert stats.seed_interval([0.5]) == (0.5, 0.5, 0.5)
+    scores = np.array([1.0, 0.5, 0.0, 1.0])
+    lo, hi = stats.mean_interval(scores)
+    se = np.std(scores, ddof=1) / 2
+    assert (lo, hi) == pytest.approx((max(0, 0.625 - 1.959963984540054 * se), min(1, 0.625 + 1.959963984540054 * se)))
+    paired = stats.paired_seeds([0.91, 0.93, 0.95], [0.90, 0.92, 0.94])
+    assert paired["diff"] == pytest.approx(0.01) and paired["p"] == 0.0  # every seed up by the same amount
+
+
+def test_report_accuracy_and_the_mean_of_accuracies_over_the_same_examples():
+    labels = np.arange(200) % 10
+    a = np.arange(200) % 4 != 0  # 150 of 200
+    b = np.arange(200) % 2 == 0  # 100 of 200
+    r = Report()
+    r.accuracy("style/x/acc", a, labels)
+    r.accuracy("style/y/acc", b, labels)
+    assert r.metrics["style/x/acc"] == 0.75
+    assert (r.metrics["style/x/acc/ci_low"], r.metrics["style/x/acc/ci_high"]) == stats.wilson(150, 200)
+    r.mean_accuracy("style/acc", ["style/x/acc", "style/y/acc"])
+    assert r.metrics["style/acc"] == pytest.approx(0.625)
+    scores = (a.astype(float) + b) / 2
+    assert (r.metrics["style/acc/ci_low"], r.metrics["style/acc/ci_high"]) == pytest.approx(
+        stats.mean_interval(scores))
+    other = Report()  # other examples: the mean is added without an interval
+    other.accuracy("a", a, labels)
+    other.accuracy("b", b[:100], labels[:100])
+    other.mean_accuracy("m", ["a", "b"])
+    assert other.metrics["m"] == pytest.approx((0.75 + 0.5) / 2) and "m/ci_low" not in other.metrics
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """Two tiny runs that differ only in their seed, with clean and style accuracies."""
+    tmp = tmp_path_factory.mktemp("paired")
+    out = {}
+    for seed in (1, 2):
+        cfg = {"seed": seed, "model": {"name": "resnet18"},
+               "data": {"name": "mnist", "batch_size": 64, "n_train": 256, "image_size": 16},
+               "train": {"val_examples": 100, "epochs": 1, "lr": 0.05},
+               "evaluate": {"clean": {"n_examples": 300}, "style": {"n_examples": 300, "domains": ["invert", "color"]}}}
+        out[seed] = normlab.run(cfg, out=tmp / f"s{seed}", quiet=True)
+    return out
+
+
+def test_results_hold_intervals_and_packed_per_example_outcomes(two_seeds):
+    res = two_seeds[1]
+    m = res.metrics
+    k = round(m["clean/acc"] * 300)
+    assert (m["clean/acc/ci_low"], m["clean/acc/ci_high"]) == pytest.approx(stats.wilson(k, 300), abs=1e-12)
+    raw = load_file(str(res.dir / "correct.safetensors"))
+    assert raw["clean/acc"].dtype == np.uint8 and raw["clean/acc"].size == math.ceil(300 / 8)
+    outcomes = read_outcomes(res.dir)
+    scores, examples, binary = outcomes["clean/acc"]
+    assert binary and scores.size == 300 and scores.mean() == pytest.approx(m["clean/acc"], abs=1e-12)
+    avg, _, binary = outcomes["style/acc"]  # an average: rebuilt from its parts
+    assert not binary and avg.mean() == pytest.approx(m["style/acc"], abs=1e-12)
+    assert examples == outcomes["style/invert/acc"][1]  # the same 300 test images
+
+
+def test_compare_reports_mcnemar_on_the_same_images(two_seeds, capsys):
+    a, b = two_seeds[1], two_seeds[2]
+    assert main(["compare", str(a.dir), str(b.dir), "--keys", "clean/acc,style/acc"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("clean/acc"))
+    oa, ob = read_outcomes(a.dir)["clean/acc"][0] > 0.5, read_outcomes(b.dir)["clean/acc"][0] > 0.5
+    expected = stats.mcnemar(ob, oa)
+    assert f"p={expected['p']:.3g}" in row and f"{b.metrics['clean/acc'] - a.metrics['clean/acc']:+.4f}" in row
+    assert row.rstrip().endswith("*" if expected["p"] < 0.05 else "n.s.")
+    assert "McNemar exact" in out and "paired t over examples" in out
+    assert main(["compare", str(a.dir), str(a.dir), "--keys", "clean/acc"]) == 0  # the same run: no difference
+    assert "+0.0000 p=1 n.s." in capsys.readouterr().out
+
+
+def test_an_evaluation_stored_under_a_name_keeps_its_outcomes(two_seeds, tmp_path, capsys):
+    from conftest import copy_run
+
+    d = copy_run(two_seeds[1], tmp_path / "run")
+    normlab.evaluate(d, overrides=['evaluate={"clean": {"n_examples": 300}}'], name="again", quiet=True)
+    outcomes = read_outcomes(d)
+    assert np.array_equal(outcomes["again/clean/acc"][0], outcomes["clean/acc"][0])  # deterministic eval
+    assert main(["compare", str(d), f"{d}:again", "--keys", "clean/acc"]) == 0
+    assert "+0.0000 p=1 n.s." in capsys.readouterr().out
+
+
+def test_seed_group_summarises_its_runs_and_resumes(tiny_config, tmp_path, write_yaml, capsys):
+    cfg = {k: v for k, v in tiny_config.items() if k != "seed"}
+    cfg["train"] = {**cfg["train"], "epochs": 1, "val_examples": 100}
+    cfg["seeds"] = [0, 1]
+    path = write_yaml(cfg)
+    out = tmp_path / "group"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    group = json.loads((out / "group.json").read_text())
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1]
+    values = [r["metrics"]["clean/acc"] for r in runs]
+    assert group["metrics"]["clean/acc"]["values"] == values
+    mean, lo, hi = stats.seed_interval(values)
+    assert group["metrics"]["clean/acc"]["mean"] == pytest.approx(np.mean(values), abs=1e-12) == mean
+    stored = group["metrics"]["clean/acc"]
+    assert (stored["ci_low"], stored["ci_high"]) == (max(lo, 0), min(hi, 1))
+    assert "clean/acc/ci_low" not in group["metrics"]  # per-example intervals stay in each run
+    assert f"{mean:.4f}  [{max(lo, 0):.4f}, {min(hi, 1):.4f}]" in printed and "seed group:" in printed
+    assert main(["show", str(out)]) == 0 and f"{mean:.4f}" in capsys.readouterr().out
+    assert yaml.safe_load((out / "group.yaml").read_text())["seeds"] == [0, 1]
+    # a group interrupted after its first seed: --resume leaves seed 0 alone and reruns seed 1
+    finished = (out / "seed-0" / "results.json").stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(out / "seed-1")
+    (out / "group.json").unlink()
+    assert main(["run", str(path), "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    assert (out / "seed-0" / "results.json").stat().st_mtime_ns == finished
+    assert json.loads((out / "group.json").read_text())["metrics"]["clean/acc"]["values"] == values
+    # groups compare with a paired t-test over seeds
+    assert main(["compare", str(out), str(out), "--keys", "clean/acc"]) == 0
+    assert "paired t over seeds" in capsys.readouterr().out
+    assert main(["run", str(path), "--out", str(out), "--resume", "--set", "seeds=[0, 2]"]) == 2
+    assert "started with seeds [0, 1], not [0, 2]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("seeds: [0, 0]", r"seeds: each seed once, got \[0, 0\]"),
+    ("seed: 1\nseeds: [2]", r"give seed or seeds, not both"),
+    ("seeds: []", r"seeds: List should have at least 1 item"),
+])
+def test_bad_seeds_are_refused(text, pattern, tmp_path, capsys):
+    import re
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert re.search(pattern, capsys.readouterr().err) and not (tmp_path / "o").exists()
+
+
+def test_a_damaged_outcomes_file_is_one_line(two_seeds, tmp_path, capsys):
+    from conftest import copy_run
+
+    d = copy_run(two_seeds[1], tmp_path / "run")
+    (d / "correct.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert main(["compare", str(d), str(two_seeds[2].dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "correct.safetensors: unreadable" in err[0]
