@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR[:NAME]",
                    help="a run directory; RUN_DIR:NAME shows the metrics stored by `normlab eval RUN_DIR --as NAME`")
     c.add_argument("--keys", help="comma list of metric keys (default: the headline metrics present)")
+    c.add_argument("--cost", action="store_true", help="also show each run's cost: training images per second, "
+                                                        "FLOPs of a training step, evaluators' seconds per image")
     c.add_argument("--plot", metavar="PNG", help="also write the standard-accuracy / robust-accuracy plane: "
                                                    "each run's point, each sweep's curve")
     return p
@@ -257,6 +259,7 @@ class _Entry:
             self.metrics = {k: m["mean"] for k, m in self.group["metrics"].items()}
             self.intervals = {k: (m["ci_low"], m["ci_high"]) for k, m in self.group["metrics"].items()}
             self.seed = ",".join(map(str, self.group["seeds"]))
+            self.cost = self.group.get("cost", {})
             return
         results = _results(d)
         metrics = results["metrics"]
@@ -269,6 +272,7 @@ class _Entry:
         self.intervals = {k: (metrics[f"{k}/ci_low"], metrics[f"{k}/ci_high"]) for k in self.metrics
                           if f"{k}/ci_low" in metrics and f"{k}/ci_high" in metrics}
         self.seed = str(results.get("seed", "?"))
+        self.cost = {} if prefix else results.get("cost", {})
         self._outcomes = None
 
     def outcomes(self) -> dict:
@@ -306,7 +310,10 @@ def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, st
     return diff, None, ""
 
 
-def compare_table(entries: list[_Entry], keys: list[str] | None = None) -> str:
+COST = ("train/images_per_s", "train/step_flops", "peak_memory_mb")
+
+
+def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bool = False) -> str:
     """Runs (or seed groups) side by side: one row per metric, one column per entry with its 95% interval;
     each entry after the first also gets its difference from the first with a paired test's p-value,
     ``*`` where p < 0.05 and ``n.s.`` where not."""
@@ -339,6 +346,12 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None) -> str:
                 tests.add(test)
                 row.append(f"{diff:+.4f} p={p:.3g} " + ("*" if p < ALPHA else "n.s."))
         rows.append(row)
+    if cost:
+        present = list(dict.fromkeys(k for e in entries for k in e.cost))
+        per_image = [k for k in present if k.endswith("/seconds_per_image")]
+        for k in [c for c in COST if c in present] + per_image:
+            rows.append([f"cost: {k}"] + [f"{e.cost[k]:.4g}" if k in e.cost else "-" for e in entries]
+                        + [""] * len(rest))
     rows.append(["seed"] + [e.seed for e in entries] + [""] * len(rest))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -351,14 +364,14 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None) -> str:
     return "\n".join(lines).rstrip()
 
 
-def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None) -> int:
+def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None, cost: bool = False) -> int:
     entries = []
     for d in run_dirs:
         e = _Entry(d)
         while e.name in [x.name for x in entries]:
             e.name += "'"
         entries.append(e)
-    print(compare_table(entries, [k.strip() for k in keys.split(",") if k.strip()] if keys else None))
+    print(compare_table(entries, [k.strip() for k in keys.split(",") if k.strip()] if keys else None, cost))
     if plot:
         from .plots import sara_plot
 
@@ -462,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args.run_dir, args.all)
         if args.command == "compare":
-            return _compare(args.run_dirs, args.keys, args.plot)
+            return _compare(args.run_dirs, args.keys, args.plot, args.cost)
         if args.command == "run":
             precheck(args.file, args.overrides)  # before torch is imported: bad input is refused in well under 1 s
         from . import runner

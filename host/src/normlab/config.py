@@ -154,8 +154,6 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _one_batch_at_least(self) -> "RunConfig":
-        if self.seeds is not None and "seed" in self.model_fields_set:
-            raise ValueError("give seed or seeds, not both")
         d = self.data
         if self.train.epochs and d.n_train is not None and d.n_train < d.batch_size:
             raise ValueError(f"data.n_train ({d.n_train}) is smaller than data.batch_size ({d.batch_size}): an "

@@ -38,7 +38,8 @@ def summarize(group_dir: str | Path, seeds: list[int]) -> dict:
     """Write ``group.json`` from the seed runs' results.json and return it."""
     from .stats import seed_interval
 
-    runs = {s: read_results(seed_dir(group_dir, s))["metrics"] for s in seeds}
+    results = {s: read_results(seed_dir(group_dir, s)) for s in seeds}
+    runs = {s: r["metrics"] for s, r in results.items()}
     first = runs[seeds[0]]
     keys = [k for k in first if not _interval_key(k) and all(k in m for m in runs.values())]
     metrics = {}
@@ -48,8 +49,10 @@ def summarize(group_dir: str | Path, seeds: list[int]) -> dict:
         if k.endswith(("acc", "/top5")):  # an accuracy's interval stays inside [0, 1]
             lo, hi = max(0.0, lo), min(1.0, hi)
         metrics[k] = {"mean": mean, "ci_low": lo, "ci_high": hi, "values": values}
+    costs = [r.get("cost", {}) for r in results.values()]
+    cost = {k: sum(c[k] for c in costs) / len(costs) for k in costs[0] if all(k in c for c in costs)}
     group = {"seeds": list(seeds), "runs": {str(s): seed_dir(group_dir, s).name for s in seeds}, "rule": RULE,
-             "metrics": metrics}
+             "metrics": metrics, "cost": cost}
     write_json_atomic(Path(group_dir) / GROUP_FILE, group)
     return group
 

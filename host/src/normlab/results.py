@@ -70,7 +70,7 @@ def read_results(run_dir: str | Path, required: bool = True) -> dict:
     for key, value in results["metrics"].items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UsageError(f"{path}: metrics.{key}: expected a finite number, got {str(value)[:60]!r}")
-    for section in ("records", "timing", "plugins"):
+    for section in ("records", "timing", "plugins", "cost"):
         if not isinstance(results.get(section, {}), dict):
             raise UsageError(f"{path}: {section}: expected a mapping")
     return results

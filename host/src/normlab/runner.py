@@ -62,6 +62,7 @@ class Run:
         self.config, self.source = config, source
         self.plugins, self.enabled = plugins, enabled
         self.plugin_configs, self.evaluators = plugin_configs, evaluators
+        self.cost: dict[str, float] = {}  # results.json "cost": throughput, FLOPs, seconds per evaluator
         self.hooks = Hooks([("normlab.evaluators", BuiltinEvaluators())]
                            + [(n, plugins[n].plugin) for n in enabled])
         self.quiet = quiet
@@ -517,6 +518,7 @@ def _logged(run_dir: Path) -> Iterator[None]:
 def _evaluate(r: Run, timing: dict, name: str | None = None) -> Report:
     t0 = time.perf_counter()
     r.model.eval()
+    before = set(r.cost)
     report = Report()
     r.hooks.call("on_eval", model=r.model, ctx=Context(run=r), report=report)
     adapted = r.state.pop("adaptation", None)
@@ -526,6 +528,8 @@ def _evaluate(r: Run, timing: dict, name: str | None = None) -> Report:
             "adapt_samples": r.config.adapt_samples, "positions": adapted}
     timing[f"{name}/eval" if name else "eval"] = time.perf_counter() - t0
     if name:
+        for k in set(r.cost) - before:
+            r.cost[f"{name}/{k}"] = r.cost.pop(k)
         named = Report()
         named.include(report, f"{name}/")
         named.records = {f"{name}/{k}": v for k, v in report.records.items()}
@@ -545,9 +549,19 @@ def _write_results(r: Run, report: Report, timing: dict) -> None:
         "timing": {**previous.get("timing", {}), **timing},
         "plugins": {**previous.get("plugins", {}), **{n: r.plugins[n].version for n in r.enabled}},
         "records": {**previous.get("records", {}), **report.records},
+        "cost": {**previous.get("cost", {}), **r.cost, **_peak_memory(r.device)},
         "seed": r.config.seed,
         "normlab": __version__,
     })
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak memory so far: CUDA memory allocated by torch on a GPU, else the peak resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_cuda": 1.0}
+    import resource
+
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_cuda": 0.0}
 
 
 def _from_run_dir(run_dir: str | Path, overrides: Sequence[str], plugins, quiet) -> Run:

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .checkpoint import last_checkpoint, load_checkpoint, remove_partial, save_checkpoint
@@ -183,6 +184,12 @@ def _write_metrics(path, history: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+def _flop_counter():
+    """torch's FlopCounterMode around the first training step: matmul and convolution FLOPs of on_batch,
+    the forward, on_loss (a training attack's steps included) and the backward; not the optimizer's."""
+    return FlopCounterMode(display=False)
+
+
 def train(run, resume: bool = False) -> list[dict]:
     """Train ``run.model`` for ``train.epochs``; checkpoint and log each epoch; return the history."""
     cfg, model, hooks = run.config.train, run.model, run.hooks
@@ -204,6 +211,7 @@ def train(run, resume: bool = False) -> list[dict]:
         for path in remove_partial(run.dir):
             run.log.info("removed an incomplete checkpoint: %s", path.name)
     global_step = start * len(loader)
+    images, busy = 0, 0.0  # training images and seconds (validation and checkpoints left out): images per second
     for epoch in range(start, cfg.epochs):
         loader.sampler.set_epoch(epoch)
         run.train_mode()
@@ -214,20 +222,24 @@ def train(run, resume: bool = False) -> list[dict]:
         for i, items in enumerate(bar):
             batch = as_batch(run, items)
             ctx = Context(run=run, training=True, epoch=epoch, step=global_step)
-            with ctx.active(), autocast(run.device, cfg.amp):
-                batch = hooks.call("on_batch", batch=batch, ctx=ctx)
-                batch.logits = model(batch.x)
-                terms = LossTerms()
-                terms.add("ce", F.cross_entropy(batch.logits.float(), batch.y, reduction="none",
-                                                label_smoothing=cfg.label_smoothing))
-                hooks.call("on_loss", batch=batch, model=model, ctx=ctx, terms=terms)
-                values = terms.values()
-                loss = torch.stack(list(values.values())).sum()
-            if not torch.isfinite(loss):
-                bad = [n for n, v in values.items() if not torch.isfinite(v)]
-                raise RunFailure(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step "
-                                 f"{global_step + 1}); terms {bad} are not finite")
-            (loss / cfg.accumulate).backward()
+            count = _flop_counter() if "train/step_flops" not in run.cost else contextlib.nullcontext()
+            with count:
+                with ctx.active(), autocast(run.device, cfg.amp):
+                    batch = hooks.call("on_batch", batch=batch, ctx=ctx)
+                    batch.logits = model(batch.x)
+                    terms = LossTerms()
+                    terms.add("ce", F.cross_entropy(batch.logits.float(), batch.y, reduction="none",
+                                                    label_smoothing=cfg.label_smoothing))
+                    hooks.call("on_loss", batch=batch, model=model, ctx=ctx, terms=terms)
+                    values = terms.values()
+                    loss = torch.stack(list(values.values())).sum()
+                if not torch.isfinite(loss):
+                    bad = [n for n, v in values.items() if not torch.isfinite(v)]
+                    raise RunFailure(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step "
+                                     f"{global_step + 1}); terms {bad} are not finite")
+                (loss / cfg.accumulate).backward()
+            if isinstance(count, FlopCounterMode):
+                run.cost["train/step_flops"] = float(count.get_total_flops())
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -240,6 +252,8 @@ def train(run, resume: bool = False) -> list[dict]:
             correct += (batch.logits[:n_clean].argmax(1) == batch.y[:n_clean]).sum().item()
             seen += n_clean
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        busy += time.perf_counter() - t0
+        images += seen
         steps = len(loader)
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums.get("loss", 0) / steps,
                "train_acc": correct / max(seen, 1)}
@@ -253,6 +267,8 @@ def train(run, resume: bool = False) -> list[dict]:
                      row["train_loss"], row["train_acc"], row["val_acc"], row["seconds"])
         save_checkpoint(run.dir, epoch + 1, model, opt, sched, extra={"history": history})
         _write_metrics(run.dir / "metrics.csv", history)
+    if images:
+        run.cost["train/images_per_s"] = images / busy
     if cfg.epochs == 0 or start >= cfg.epochs and not (run.dir / "checkpoints" / "last.json").exists():
         save_checkpoint(run.dir, 0, model, extra={"history": history})
     return history

@@ -172,7 +172,14 @@ class BuiltinEvaluators:
 
     @hookimpl
     def on_eval(self, model, ctx, report):
-        evaluators = _evaluators()
+        import time
+
+        evaluators, cost = _evaluators(), ctx.run.cost
         for name, cfg in ctx.run.evaluators.items():
             ctx.run.log.info("evaluating: %s", name)
+            t0 = time.perf_counter()
             evaluators[name].fn(model, ctx, report, cfg)
+            cost[f"eval/{name}/seconds"] = seconds = time.perf_counter() - t0
+            evaluated = report.outcomes.get(f"{name}/acc")
+            if evaluated is not None:  # per test image of the evaluator's subset (all its domains together)
+                cost[f"eval/{name}/seconds_per_image"] = seconds / len(evaluated.scores)
