@@ -223,6 +223,39 @@ def blocks(path, n):
     return np.stack([arr[s * 10_000:s * 10_000 + n] for s in range(5)])
 
 
+def test_a_tampered_cache_is_refused_and_regenerate_rebuilds_it(tmp_path, mnist_run):
+    """Issue 14: meta.json holds each file's sha256; a changed file is one UsageError naming it, and
+    regenerate: true writes it again (the same images: generation is seeded per image)."""
+    import hashlib
+    import shutil
+
+    from normlab.errors import UsageError
+
+    settings = {"n_examples": 16, "corruptions": ["fog"], "workers": 1, "cache_dir": str(tmp_path), "batch_size": 16,
+                "severities": [1]}
+    first = evaluate(mnist_run, settings)
+    root = tmp_path / "mnist-test"
+    meta = json.loads((root / "meta.json").read_text())
+    fog = root / meta["folder"] / "fog.npy"
+    arr = np.load(fog, mmap_mode="r")
+    rows = meta["rows_per_severity"]  # the released layout: 10,000 rows per severity block
+    by_hand = hashlib.sha256(b"".join(np.ascontiguousarray(arr[b * rows: b * rows + 16]).tobytes()
+                                      for b in range(5))).hexdigest()
+    assert meta["sha256"]["fog"] == by_hand
+    del arr
+    arr = np.load(fog, mmap_mode="r+")
+    arr[3, 5, 5, 0] ^= 0xFF  # one byte of one evaluated image
+    arr.flush()
+    del arr
+    with pytest.raises(UsageError, match=r"fog.npy: its first 16 rows no longer match the sha256 .* "
+                                         r"--set evaluate.corruptions.regenerate=true"):
+        evaluate(mnist_run, settings)
+    again = evaluate(mnist_run, {**settings, "regenerate": True})
+    assert again == first
+    assert json.loads((root / "meta.json").read_text())["sha256"]["fog"] == by_hand
+    shutil.rmtree(tmp_path / "mnist-test")
+
+
 def test_cache_is_reused_and_extended_not_rebuilt(tmp_path, mnist_run, monkeypatch):
     settings = {"n_examples": 20, "corruptions": ["fog", "contrast"], "workers": 1, "cache_dir": str(tmp_path),
                 "severities": [2]}

@@ -230,3 +230,25 @@ def test_cost_flops_of_a_resnet18_step_match_an_independent_count_and_are_report
     assert 2.4e10 < expected < 3.0e10
     assert cost["train/images_per_s"] > 0 and cost["peak_memory_mb"] > 100
     assert cost["eval/fgsm/seconds_per_image"] == pytest.approx(cost["eval/fgsm/seconds"] / 50)
+
+
+def test_run_yaml_records_provenance(two_seeds):
+    """Issue 14, item 5: package versions, the git commit of this checkout and content hashes of the splits."""
+    import hashlib
+    import importlib.metadata as md
+    import subprocess
+    from pathlib import Path
+
+    from normlab.data import embedded_mnist
+
+    versions = yaml.safe_load((two_seeds[1].dir / "run.yaml").read_text())["versions"]
+    for dist in ("timm", "torchattacks", "pyautoattack", "robustbench", "imagecorruptions"):
+        assert versions[dist] == md.version(dist)
+    train, test = embedded_mnist()
+    for name, split in (("train", train), ("test", test)):
+        digest = hashlib.sha256(split.images.numpy().tobytes() + split.labels.numpy().astype(np.int64).tobytes())
+        assert versions["data"][name] == f"sha256:{digest.hexdigest()}"
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI clones one)
+        assert versions["git"].split("+")[0] == head.stdout.strip()

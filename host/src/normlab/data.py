@@ -229,6 +229,31 @@ def _image_folder(root: Path, source: str, image_size: int):
     return train, test, len(train.classes)
 
 
+def fingerprint(ds) -> str:
+    """What identifies a split's content in run.yaml: ``sha256:<hex>`` of its images and labels when they are
+    arrays in memory (the embedded digits, torchvision's CIFAR), ``listing-sha256:<hex>`` of its file list
+    with sizes for an ImageFolder (hashing every image would read the whole dataset)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if isinstance(ds, TensorImages):
+        h.update(ds.images.contiguous().numpy().tobytes())
+        h.update(ds.labels.numpy().astype(np.int64).tobytes())
+        return f"sha256:{h.hexdigest()}"
+    data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
+    if isinstance(data, np.ndarray) and targets is not None:
+        h.update(np.ascontiguousarray(data).tobytes())
+        h.update(np.asarray(targets, dtype=np.int64).tobytes())
+        return f"sha256:{h.hexdigest()}"
+    samples = getattr(ds, "samples", None)
+    if samples is not None:
+        for path, label in samples:
+            name = os.path.relpath(path, getattr(ds, "root", os.path.dirname(path)))
+            h.update(f"{name}\t{os.path.getsize(path)}\t{label}\n".encode())
+        return f"listing-sha256:{h.hexdigest()}"
+    return "unhashed"
+
+
 def build_data(cfg: Any, source: str = "run file") -> DataBundle:
     """Build the datasets named by a run file's ``data`` section (a :class:`~normlab.config.DataConfig`)."""
     name = cfg.name

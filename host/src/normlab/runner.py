@@ -28,7 +28,7 @@ from . import __version__
 from .checkpoint import load_checkpoint
 from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
 from .context import Context
-from .data import DataBundle, build_data, fixed_order, take
+from .data import DataBundle, build_data, fingerprint, fixed_order, take
 from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .evals.settings import SETTINGS, validate_evaluators
@@ -201,10 +201,25 @@ class Run:
             names[layer].register_forward_hook(_FeatureHook(layer, self.hooks))
 
     def versions(self) -> dict:
-        import timm
+        """Provenance written into run.yaml: package versions (the evaluators' libraries included), every
+        enabled plugin's version, the project's git commit when normlab runs from a checkout, and a
+        content hash of the training and test splits (:func:`normlab.data.fingerprint`)."""
+        import importlib.metadata as md
 
-        return {"normlab": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
-                "plugins": {n: self.plugins[n].version for n in self.enabled}}
+        def version(dist: str) -> str | None:
+            try:
+                return md.version(dist)
+            except md.PackageNotFoundError:
+                return None
+
+        out = {"normlab": __version__, "torch": str(torch.__version__)}
+        out.update({d: version(d) for d in ("timm", "torchattacks", "pyautoattack", "robustbench",
+                                            "imagecorruptions")})
+        out["plugins"] = {n: self.plugins[n].version for n in self.enabled}
+        out["git"] = _git_commit()
+        if self.data is not None:
+            out["data"] = {"train": fingerprint(self.data.train), "test": fingerprint(self.data.test)}
+        return out
 
     def resolved(self) -> dict:
         """The run file with every default filled in, as written to run.yaml."""
@@ -553,6 +568,23 @@ def _write_results(r: Run, report: Report, timing: dict) -> None:
         "seed": r.config.seed,
         "normlab": __version__,
     })
+
+
+def _git_commit() -> str | None:
+    """The commit of the git checkout normlab is imported from (``+dirty`` with uncommitted changes), else None."""
+    import subprocess
+
+    where = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:

@@ -307,8 +307,43 @@ class CorruptionCache:
         del arr
         return tmp, True
 
-    def ensure(self, names: Sequence[str], n: int, workers: int | None = None, quiet: bool | None = True) -> None:
-        """Make sure the first ``n`` rows of ``clean.npy`` and of each named corruption (all 5 severities) exist."""
+    def digest(self, name: str, filled: int) -> str:
+        """sha256 of the first ``filled`` rows of ``clean`` or of a corruption's file (every severity)."""
+        path = self.root / "clean.npy" if name == "clean" else self.dir / f"{name}.npy"
+        arr = np.load(path, mmap_mode="r")
+        h = hashlib.sha256()
+        for block in range(1 if name == "clean" else 5):
+            for a in range(block * self.rows, block * self.rows + filled, 4096):
+                h.update(np.ascontiguousarray(arr[a: min(a + 4096, block * self.rows + filled)]).data)
+        del arr
+        return h.hexdigest()
+
+    def verify(self, names: Sequence[str]) -> dict[str, str]:
+        """Check ``clean`` and each named file against the sha256 meta.json recorded when its rows were
+        written; return the digests. A mismatch (the file changed since) is a UsageError naming the file."""
+        meta = self.meta()
+        out = {}
+        for name in ["clean", *names]:
+            filled = int(meta["filled"][name])
+            digest = self.digest(name, filled)
+            recorded = meta.get("sha256", {}).get(name)
+            if recorded is not None and recorded != digest:
+                path = self.root / "clean.npy" if name == "clean" else self.dir / f"{name}.npy"
+                raise UsageError(f"{path}: its first {filled} rows no longer match the sha256 that {self.root}/"
+                                 f"meta.json recorded when they were written (the file was changed); rebuild it "
+                                 f"with --set evaluate.corruptions.regenerate=true")
+            out[name] = digest
+        if any(name not in meta.get("sha256", {}) for name in out):  # a cache from before hashes: record them
+            with _locked(self.root / ".lock"):
+                meta = self.meta()
+                meta["sha256"] = {**meta.get("sha256", {}), **out}
+                self._write_meta(meta)
+        return out
+
+    def ensure(self, names: Sequence[str], n: int, workers: int | None = None, quiet: bool | None = True,
+               regenerate: bool = False) -> None:
+        """Make sure the first ``n`` rows of ``clean.npy`` and of each named corruption (all 5 severities) exist;
+        with ``regenerate``, delete those files first and write them again."""
         from ..adapters import imagecorruptions as ic
 
         n = min(n, self.source.n)
@@ -317,6 +352,12 @@ class CorruptionCache:
         self.root.mkdir(parents=True, exist_ok=True)
         with _locked(self.root / ".lock"):
             meta = self._start()
+            if regenerate:
+                for name in ["clean", *names]:
+                    (self.root / "clean.npy" if name == "clean" else self.dir / f"{name}.npy").unlink(missing_ok=True)
+                    meta["filled"].pop(name, None)
+                    meta.get("sha256", {}).pop(name, None)
+                self._write_meta(meta)
             for stale in [*self.root.glob(".*.tmp*"), *self.dir.glob(".*.tmp*")]:
                 stale.unlink(missing_ok=True)
             filled = dict(meta["filled"])
@@ -335,6 +376,7 @@ class CorruptionCache:
                     os.replace(path, self.root / "clean.npy")
                 filled["clean"] = n
                 meta["filled"] = filled
+                meta.setdefault("sha256", {})["clean"] = self.digest("clean", n)
                 self._write_meta(meta)
                 self.generated["clean"] = (start, n)
             todo = [(c, filled.get(c, 0)) for c in names if filled.get(c, 0) < n]
@@ -371,6 +413,7 @@ class CorruptionCache:
                     os.replace(path, self.dir / f"{c}.npy")
                 filled[c] = n
                 self.generated[c] = (dict(todo)[c], n)
+                meta.setdefault("sha256", {})[c] = self.digest(c, n)
             meta["filled"] = filled
             self._write_meta(meta)
             self.seconds = time.perf_counter() - t0
@@ -478,8 +521,12 @@ class _Generated:
         self.n = min(cfg.n_examples or self.cache.source.n, self.cache.source.n)
         # rows are in the fixed order: the first adapt_samples rows are every domain's adaptation samples
         self.k = min(run.config.adapt_samples, self.cache.source.n if run.adapts else self.n)
-        self.cache.ensure(cfg.corruptions, max(self.n, self.k), cfg.workers, quiet=run.quiet)
+        self.cache.ensure(cfg.corruptions, max(self.n, self.k), cfg.workers, quiet=run.quiet,
+                          regenerate=cfg.regenerate)
         self.positions = torch.from_numpy(np.load(self.cache.root / "index.npy")[: self.k])
+        meta = self.cache.meta()
+        self.provenance = {"cache": str(self.cache.root), "imagecorruptions": meta.get("imagecorruptions"),
+                           "sha256": self.cache.verify(cfg.corruptions)}
 
     def clean(self):
         """(images, labels) evaluated, and (images, positions) to adapt on, of the clean domain."""
@@ -592,6 +639,8 @@ class _Robustbench:
 def corruptions(model, ctx, report, cfg: CorruptionsConfig) -> None:
     run = ctx.run
     sets = _Robustbench(run, cfg) if cfg.source == "robustbench" else _Generated(run, cfg)
+    if getattr(sets, "provenance", None):
+        report.records["corruptions/provenance"] = sets.provenance
     images, labels, adapt = sets.clean()
     clean_acc = _accuracy(run, ctx, report, "corruptions/clean_acc", "clean", images, labels, cfg.batch_size,
                           "corruptions: clean", adapt)

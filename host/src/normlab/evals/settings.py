@@ -184,6 +184,8 @@ class CorruptionsConfig(EvalSettings):
                                                    "CIFAR-100-C/ or ImageNet-C/ (default $NORMLAB_DATA)")
     workers: int | None = Field(None, ge=1, description="processes generating the cache (default: CPU count)")
     plot: bool = Field(True, description="write plots/corruptions.png into the run directory")
+    regenerate: bool = Field(False, description="source generate: delete and rebuild the cached files this "
+                                                "evaluation uses (after their sha256 no longer matches)")
 
     @field_validator("corruptions")
     @classmethod
