@@ -172,6 +172,27 @@ def on_epoch(model, ctx, metrics):
 
 
 @hookspec
+def on_log(ctx, metrics, plots):
+    """Record numbers in an experiment tracker (TensorBoard, MLflow, ...).
+
+    :param ctx: a :class:`~normlab.context.Context` with ``ctx.run`` (its ``dir``, ``resolved()``
+        configuration and ``cost``); ``ctx.epoch`` is the epoch (0-based) for an epoch's row and
+        ``None`` for a run's results.
+    :param metrics: for an epoch, its finished row of ``metrics.csv`` (``train_loss``, ``loss/<term>``,
+        ``val_acc``, what plugins added in :func:`on_epoch`); for the results, the metrics of the
+        evaluation just written to results.json (``NAME/...`` after ``normlab eval --as NAME``).
+        Read-only.
+    :param plots: ``{}`` for an epoch; for the results, name -> PNG path of the plots written
+        (``training``, ``corruptions``, ``sweep_lam``, ...).
+    :return: ignored.
+
+    Called for every plugin in run-file order, after every :func:`on_epoch` of an epoch (so the
+    row is complete) and after results.json is written. A run resumed from epoch k calls it again
+    for the epochs after k.
+    """
+
+
+@hookspec
 def on_eval(model, ctx, report):
     """Evaluate the trained model and add metrics.
 

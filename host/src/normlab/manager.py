@@ -31,7 +31,8 @@ log = logging.getLogger("normlab")
 # hooks whose implementations each receive the previous one's result, and which argument carries it
 CHAINED = {"on_model": "model", "on_batch_norm": "module", "on_feature": "feature", "on_batch": "batch"}
 #: every hook, in the order a run reaches them
-HOOKS = ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch", "on_eval")
+HOOKS = ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch", "on_eval",
+         "on_log")
 
 
 def _expected_returns() -> dict[str, tuple[str, Callable[[Any], bool]]]:

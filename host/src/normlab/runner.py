@@ -500,7 +500,15 @@ def _train_and_evaluate(r: Run, resume: bool) -> RunResult:
     training_curves(history, run_dir / "plots" / "training.png")
     report = _evaluate(r, timing)
     _write_results(r, report, timing)
+    _log_results(r, report)
     return RunResult(run_dir, report.metrics, r.model, history)
+
+
+def _log_results(r: Run, report: Report) -> None:
+    """``on_log`` with the evaluation's metrics and every plot in the run directory."""
+    if r.hooks.implemented("on_log"):
+        plots = {p.stem: str(p) for p in sorted((r.dir / "plots").glob("*.png"))}
+        r.hooks.call("on_log", ctx=Context(run=r, epoch=None), metrics=dict(report.metrics), plots=plots)
 
 
 @contextlib.contextmanager
@@ -625,6 +633,7 @@ def evaluate(run_dir: str | Path, *, overrides: Sequence[str] = (), plugins: Map
         timing: dict = {}
         report = _evaluate(r, timing, name)
         _write_results(r, report, timing)
+        _log_results(r, report)
         return RunResult(r.dir, report.metrics, r.model, [])
 
 

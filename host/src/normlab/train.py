@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
 
 from .checkpoint import last_checkpoint, load_checkpoint, remove_partial, save_checkpoint
@@ -184,10 +185,32 @@ def _write_metrics(path, history: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the ops run inside the block, counted by torch's own per-op formulas (the registry behind
+    ``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions, forward and backward).
+
+    An adapter, not FlopCounterMode itself: its module tracker puts hooks on every module's backward,
+    and ``torch.autograd.grad`` inside the block (a training attack's step in ``on_batch``/``on_loss``)
+    then fails ("A leaf node was passed to _will_engine_execute_node ..."). Counting needs no modules.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
 def _flop_counter():
-    """torch's FlopCounterMode around the first training step: matmul and convolution FLOPs of on_batch,
-    the forward, on_loss (a training attack's steps included) and the backward; not the optimizer's."""
-    return FlopCounterMode(display=False)
+    """A :class:`FlopCount` around the first training step: on_batch, the forward, on_loss (a training
+    attack's steps included) and the backward; not the optimizer's step."""
+    return FlopCount()
 
 
 def train(run, resume: bool = False) -> list[dict]:
@@ -238,8 +261,8 @@ def train(run, resume: bool = False) -> list[dict]:
                     raise RunFailure(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step "
                                      f"{global_step + 1}); terms {bad} are not finite")
                 (loss / cfg.accumulate).backward()
-            if isinstance(count, FlopCounterMode):
-                run.cost["train/step_flops"] = float(count.get_total_flops())
+            if isinstance(count, FlopCount):
+                run.cost["train/step_flops"] = float(count.total)
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -262,6 +285,8 @@ def train(run, resume: bool = False) -> list[dict]:
         row["seconds"] = time.perf_counter() - t0
         if hooks.implemented("on_epoch"):
             _epoch_hooks(run, epoch, row)
+        if hooks.implemented("on_log"):
+            hooks.call("on_log", ctx=Context(run=run, epoch=epoch), metrics=dict(row), plots={})
         history.append(row)
         run.log.info("epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)", epoch + 1, cfg.epochs,
                      row["train_loss"], row["train_acc"], row["val_acc"], row["seconds"])

@@ -36,6 +36,8 @@ CATALOGUE: dict[str, Entry] = {
         Entry("pgd", "normlab-pgd", "PGD adversarial training, lambda-weighted (TRADES optional)"),
         Entry("nf", "normlab-nf", "Normalizer-free conversion of the backbone (NoFrost)"),
         Entry("slim", "normlab-slim", "Slimmable widths with switchable BN (OATS)"),
+        Entry("tensorboard", "normlab-tensorboard", "TensorBoard event files of a run"),
+        Entry("mlflow", "normlab-mlflow", "An MLflow run per normlab run"),
     )
 }
 
