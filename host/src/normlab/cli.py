@@ -251,7 +251,9 @@ class _Entry:
         d, prefix = spec, None
         if not Path(d).exists() and ":" in d:
             d, prefix = d.rsplit(":", 1)
-        self.dir, self.prefix, self.name = Path(d), prefix, Path(d).resolve().name + (f":{prefix}" if prefix else "")
+        where = Path(d).resolve()
+        name = f"{where.parent.name}/{where.name}" if where.name.startswith("seed-") else where.name  # a group's run
+        self.dir, self.prefix, self.name = Path(d), prefix, name + (f":{prefix}" if prefix else "")
         self.group = read_group(d) if is_group(d) else None
         if self.group is not None:
             if prefix:
