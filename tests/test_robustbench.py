@@ -244,6 +244,10 @@ def test_equivalent_on_the_runs_own_split(tmp_path):
     assert m["robustbench/n"] == 8 and m["robustbench/eps"] == 0.3
     assert 0.0 <= m["robustbench/adv_acc"] <= m["robustbench/clean_acc"] <= 1.0
     assert m["robustbench/fast/adv_acc"] == m["robustbench/adv_acc"]
+    from normlab.stats import wilson
+
+    for key in ("robustbench/clean_acc", "robustbench/adv_acc"):  # Wilson intervals over the 8 images
+        assert (m[f"{key}/ci_low"], m[f"{key}/ci_high"]) == wilson(round(m[key] * 8), 8)
     log = (res.dir / "log.txt").read_text()
     assert "robustbench: equivalent path (the run's data is not a robustbench dataset" in log
     records = json.loads((res.dir / "results.json").read_text()).get("records")

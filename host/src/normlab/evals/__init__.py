@@ -85,6 +85,16 @@ class Report:
         self.outcomes[key] = Outcome(correct.astype(np.float64), examples_id(_numpy(labels)))
         return k / n
 
+    def proportion(self, key: str, value: float, n: int) -> None:
+        """Add an accuracy known only as a fraction of ``n`` examples (robustbench's benchmark() returns no
+        per-example result) with its Wilson interval; nothing for ``normlab compare`` to pair."""
+        from ..stats import wilson
+
+        self.add(key, value)
+        lo, hi = wilson(round(value * n), n)
+        self.add(f"{key}/ci_low", lo)
+        self.add(f"{key}/ci_high", hi)
+
     def mean_accuracy(self, key: str, keys: list[str]) -> float:
         """Add the mean of accuracies already in the report. Over the same examples it is the mean of the
         per-example scores and gets a normal interval over examples; otherwise only the mean is added."""

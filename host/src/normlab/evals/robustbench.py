@@ -287,8 +287,11 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
             if corruptions:
                 n_per = min(cfg.n_examples or n_corrupted, n_corrupted, MAX_EXAMPLES[dataset])
                 adv = _corruptions(model, ctx, cfg, dataset, n_per, data_dir, report)
-    report.add("robustbench/clean_acc", clean)
-    report.add("robustbench/adv_acc", adv)
+    report.proportion("robustbench/clean_acc", clean, n)
+    if corruptions:  # the mean over 75 corruption sets: each set has its interval
+        report.add("robustbench/adv_acc", adv)
+    else:
+        report.proportion("robustbench/adv_acc", adv, n)
     report.add("robustbench/used_benchmark", 1.0 if problem is None else 0.0)
     report.add("robustbench/benchmark_data", 1.0 if n_clean else 0.0)
     report.add("robustbench/n", float(n))
@@ -336,7 +339,7 @@ def _corruptions(model, ctx, cfg: RobustbenchEvalConfig, dataset: str, n: int, d
             with run.domain(f"corruptions/{name}/{severity}", xc[adapt], ctx, adapt):
                 acc = _accuracy(model, xc[:n], yc[:n], cfg.batch_size, run.device,
                                 f"robustbench {name}/{severity}", run.quiet)
-            report.add(f"robustbench/corruptions/{name}/{severity}/acc", acc)
+            report.proportion(f"robustbench/corruptions/{name}/{severity}/acc", acc, n)
             accs.append(acc)
     return sum(accs) / len(accs)
 
