@@ -88,23 +88,26 @@ def test_batch_estimate_of_a_variant_describes_features_the_adapted_model_does_n
     assert errors["layerwise"] < 1e-4 and errors["batch"] > 1e-2, errors
 
 
-def test_per_batch_re_estimates_on_every_forward_and_undo_removes_the_hooks():
+@pytest.mark.parametrize("settings", [{"prior": 8}, {"adapt": "mean"}, {}])
+def test_per_batch_equals_layerwise_rectification_on_each_batch_and_writes_no_buffer(settings):
+    """per_batch (and an adaptive attack's forward) adapts to each forward's own batch: the output equals
+    rectify() once on that batch then a forward on it, and no buffer ever moves."""
     model = make_model()
     before = snapshot(model)
-    cfg = bnrect.Config(per_batch=True, prior=8)
-    undo, *_ = bnrect.rectify(model, torch.rand(4, 3, 32, 32), cfg)
-    assert snapshot(model)["backbone.bn1"][0].equal(before["backbone.bn1"][0])  # nothing before a batch
+    undo = bnrect.per_forward(model, bnrect.Config(per_batch=True, **settings))
     for batch in (torch.rand(16, 3, 32, 32), torch.rand(16, 3, 32, 32) * 0.5):
         with torch.no_grad():
-            model(batch)
-        mean = model.backbone.conv1(model.normalize(batch)).transpose(0, 1).flatten(1).mean(1)
-        w = 8 / (8 + 16)
-        torch.testing.assert_close(model.backbone.bn1.running_mean, w * before["backbone.bn1"][0] + (1 - w) * mean,
-                                   rtol=1e-4, atol=1e-5)
+            out = model(batch)
+        assert all(torch.equal(v[0], before[k][0]) and torch.equal(v[1], before[k][1])
+                   for k, v in snapshot(model).items())
+        reference = make_model()
+        redo, *_ = bnrect.rectify(reference, batch, bnrect.Config(n_samples=16, **settings))
+        with torch.no_grad():
+            torch.testing.assert_close(out, reference(batch), rtol=1e-4, atol=1e-4)
+        redo()
     undo()
     with torch.no_grad():
-        model(torch.rand(16, 3, 32, 32))
-    assert all(torch.equal(v[0], before[k][0]) for k, v in snapshot(model).items())
+        torch.testing.assert_close(model(batch), make_model()(batch), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])

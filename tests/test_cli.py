@@ -51,8 +51,10 @@ BAD = {
     "bnrect asks more samples than a domain offers": (
         "adapt_samples: 16\nplugins: {bnrect: {n_samples: 32}}",
         r"run.yaml: plugins.bnrect.n_samples: expected at most adapt_samples \(16\).*got 32"),
-    "bnrect per_batch on the clean domain": ("plugins: {bnrect: {per_batch: true, domains: [clean]}}",
-                                             r"run.yaml: plugins.bnrect.domains: per_batch re-estimates on every batch"),
+    "eot with an L2 pgd": ("evaluate: {pgd: {norm: L2, eot: 4}}",
+                           r"run.yaml: evaluate.pgd: .*eot > 1 needs norm 'Linf'"),
+    "an unknown adapt mode": ("evaluate: {fgsm: {adapt: always}}",
+                              r"run.yaml: evaluate.fgsm.adapt: Input should be 'static', 'adaptive' or 'both'"),
     "cifar stem on a vision transformer": ("model: {name: vit_tiny_patch16_224, stem: cifar, kwargs: {img_size: 32}}",
                                            r"run.yaml: model.stem: 'cifar' is defined for timm ResNet.*VisionTransformer"),
     "drop rate above 1": ("model: {kwargs: {drop_rate: 1.5}}",

@@ -10,11 +10,11 @@ from normlab import hookspecs
 from normlab.manager import CHAINED
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOKS = ["on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch", "on_eval",
-         "on_log"]
+HOOKS = ["on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_choices", "on_epoch",
+         "on_eval", "on_log"]
 
 
-def test_the_nine_hooks_exist_and_nothing_else():
+def test_the_ten_hooks_exist_and_nothing_else():
     specs = sorted(n for n, f in vars(hookspecs).items() if callable(f) and n.startswith("on_"))
     assert specs == sorted(HOOKS)
 

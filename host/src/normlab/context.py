@@ -75,6 +75,10 @@ class Context:
       advbn's training-time attacks, the attack evaluators): the model is in eval mode with
       parameter gradients off there, though ``training`` stays True during training, so a
       training-only plugin (a feature augmentation, a regulariser) checks ``inner`` to skip them.
+    - ``adaptive``: True while an adaptive attack (``adapt: adaptive``, docs/adaptive.md) calls
+      ``on_domain`` before each forward of the attacked model, with that forward's input as the
+      samples: a plugin adapts for that one forward, differentiably where it can, and writes no
+      buffer.
     """
 
     run: Any = None
@@ -88,6 +92,7 @@ class Context:
     adv_route: Any = None
     perturb: bool = False
     inner: bool = False
+    adaptive: bool = False
     features: dict = dataclasses.field(default_factory=dict)
     state: dict = dataclasses.field(default_factory=dict)
 

@@ -151,6 +151,29 @@ def on_domain(model, domain, samples, ctx):
         reverse order, after the domain's evaluation.
 
     Called for every plugin in run-file order. Labels are never passed.
+
+    In an adaptive attack (``ctx.adaptive`` is True; an attack evaluator's ``adapt: adaptive``, see
+    docs/adaptive.md) it is called before *every* forward of the attacked model, with ``samples``
+    that forward's own input (it may require grad): adapt for that one forward, through autograd
+    where the adaptation is differentiable (compute from the forward's tensors, write no buffer:
+    the attack evaluators refuse a model whose buffers moved), and return the undo as usual. A
+    discrete choice made from the samples is also reported by :func:`on_choices`.
+    """
+
+
+@hookspec
+def on_choices(ctx):
+    """The discrete test-time choices this plugin's :func:`on_domain` makes from the samples.
+
+    :param ctx: the evaluation :class:`~normlab.context.Context` of the attack (the knobs a sweep
+        set, such as ``ctx.route``, are in it).
+    :return: ``{context field: [values]}`` (AdvBN's ``route: auto``: ``{"route": ["main", "aux"]}``),
+        or None when the plugin chooses nothing from the samples.
+
+    Called for every plugin in run-file order, once per adaptive attack. A choice has no gradient,
+    so the adaptive attack attacks the model once with each combination of values fixed in the
+    context (the plugin's :func:`on_domain` must then keep a value it finds set) and keeps, per
+    batch, the adversarial images that the adapting model, choosing for itself, gets most wrong.
     """
 
 

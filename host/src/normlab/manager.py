@@ -31,8 +31,8 @@ log = logging.getLogger("normlab")
 # hooks whose implementations each receive the previous one's result, and which argument carries it
 CHAINED = {"on_model": "model", "on_batch_norm": "module", "on_feature": "feature", "on_batch": "batch"}
 #: every hook, in the order a run reaches them
-HOOKS = ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_epoch", "on_eval",
-         "on_log")
+HOOKS = ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_domain", "on_choices", "on_epoch",
+         "on_eval", "on_log")
 
 
 def _expected_returns() -> dict[str, tuple[str, Callable[[Any], bool]]]:
@@ -47,7 +47,16 @@ def _expected_returns() -> dict[str, tuple[str, Callable[[Any], bool]]]:
         "on_feature": ("a torch.Tensor (the replacement feature)", lambda v: isinstance(v, torch.Tensor)),
         "on_batch": ("a normlab.data.Batch", lambda v: isinstance(v, Batch)),
         "on_domain": ("a zero-argument callable that undoes the adaptation", callable),
+        "on_choices": ("a dict mapping a context field to a non-empty list of values", _choices),
     }
+
+
+def _choices(value: Any) -> bool:
+    from .context import Context
+
+    fields = set(Context.__dataclass_fields__)
+    return isinstance(value, dict) and all(isinstance(k, str) and k in fields and isinstance(v, (list, tuple)) and v
+                                           for k, v in value.items())
 
 
 @dataclasses.dataclass

@@ -5,7 +5,8 @@ The host's evaluators are a built-in plugin (``normlab.evaluators``) whose
 order, each with its own settings model. The settings live in
 :mod:`normlab.evals.settings`, which imports no torch (the CLI checks a run
 file against them before torch is loaded); every other module in this package
-lists its evaluators in a module-level ``EVALUATORS``, and importing this
+but :mod:`.adaptive` (the attacks' helper) lists its evaluators in a
+module-level ``EVALUATORS``, and importing this
 package imports none of them until ``EVALUATORS`` is first used. Plugins add
 metrics from their own ``on_eval``.
 """
@@ -151,7 +152,7 @@ def test_loader(run, cfg: EvalSettings, shuffle: bool = False):
 def _collect() -> dict[str, Evaluator]:
     found: dict[str, Evaluator] = {}
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if mod.name.startswith("_") or mod.name == "settings":
+        if mod.name.startswith("_") or mod.name in ("settings", "adaptive"):  # no evaluators there
             continue
         for ev in importlib.import_module(f"{__name__}.{mod.name}").EVALUATORS:
             if ev.name in found:

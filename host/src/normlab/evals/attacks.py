@@ -24,6 +24,13 @@ How the attacks run:
   evaluation context: route, lambda, width) and inside
   ``run.domain("clean", ...)`` (test-time adaptation plugins adapt first and
   restore afterwards; attacks see the adapted model).
+- ``adapt`` (every attack): ``static`` (default) attacks the model adapted once,
+  as above; ``adaptive`` attacks a model that adapts to every batch it is given
+  (the attacked batch is its own adaptation batch; gradients run through the
+  adaptation, discrete choices are attacked one value at a time), with keys
+  ``<name>/adaptive/...``; ``both`` runs the two. See :mod:`.adaptive` and
+  docs/adaptive.md. ``eot: K`` (pgd, apgd, apgd_dlr, autoattack) averages each
+  step's gradient over K forwards, for stochastic models.
 - Randomness (PGD's random start, APGD, Square, AutoAttack) is seeded from the
   evaluator's ``seed`` or else the run's ``seed``, inside a forked RNG, so
   results repeat and later evaluators see the global RNG unchanged.
@@ -49,6 +56,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RunFailure
 from . import Evaluator, test_loader
+from .adaptive import Adaptive, fixings
 from .settings import (APGDConfig, AttackSettings, AutoAttackConfig, CWConfig, FGSMConfig,
                        MIFGSMConfig, PGDConfig, SquareConfig)
 
@@ -155,16 +163,24 @@ def _eps(run, cfg, norm: str) -> float:
 
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``build(model) -> attack``: an evaluator's attack on ``model`` (the model, or an adaptive view of it)
+Build = Callable[[torch.nn.Module], AttackFn]
 
 
-def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: str | None,
-              eps: float | None, count_if: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-              ) -> dict[str, Any]:
+def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: float | None,
+              count_if: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+              adaptive: bool = False) -> dict[str, Any]:
     """Attack the correctly classified images of the evaluator's subset; return per-image results.
 
-    ``build()`` is called once, in attack mode, and returns ``attack(x, y) -> x_adv``.
+    ``build(m)`` is called in attack mode and returns ``attack(x, y) -> x_adv`` on ``m``.
     ``count_if(x, x_adv)`` (per image, bool) can reject adversarial examples
     that exceed a budget the attack itself does not enforce (CW's ``eps``).
+
+    Static: the model is adapted to the clean domain's samples for the whole evaluation.
+    ``adaptive``: the model is an :class:`~.adaptive.Adaptive` view (each forward adapts to its own
+    batch: the clean prediction to the clean batch, the attack and the final check to the
+    attacked batch of the correctly classified images); with discrete choices, one attack per
+    combination of fixed values, and per batch the adversarial images with the fewest correct.
     """
     run = ctx.run
     clean, robust_all, labels = [], [], []
@@ -172,23 +188,35 @@ def _evaluate(name: str, model, ctx, cfg, build: Callable[[], AttackFn], norm: s
     # the forked RNG covers the loader too: iterating a DataLoader draws from torch's global RNG
     with seeded(run.device, _seed(run, cfg)), attack_mode(model), ctx.active():
         loader = test_loader(run, cfg)
-        samples, positions = run.domain_samples()
-        with run.domain("clean", samples, ctx, positions):
+        if adaptive:
+            judge = Adaptive(model, run)
+            targets = [Adaptive(model, run, fixed=f) if f else judge for f in fixings(run, ctx)]
+            domain = contextlib.nullcontext()
+        else:
+            judge, targets = model, [model]
+            samples, positions = run.domain_samples()
+            domain = run.domain("clean", samples, ctx, positions)
+        with domain:
             before = _buffers(model)
-            attack = build()
+            attacks = [build(m) for m in targets]
             for x, y in tqdm(loader, desc=name, leave=False, disable=run.quiet):
                 x, y = run.to_device(x), y.to(run.device)
-                correct = _predict(model, x) == y
+                correct = _predict(judge, x) == y
                 robust = correct.clone()
                 idx = correct.nonzero().flatten()
                 if idx.numel():
                     xc, yc = x[idx], y[idx]
-                    with ctx.using(inner=True):
-                        x_adv = attack(xc, yc).detach().to(xc.dtype)
-                    _check_budget(name, xc, x_adv, norm, eps)
-                    still = _predict(model, x_adv) == yc
-                    if count_if is not None:
-                        still |= ~count_if(xc, x_adv)
+                    worst = None
+                    for attack in attacks:
+                        with ctx.using(inner=True):
+                            x_adv = attack(xc, yc).detach().to(xc.dtype)
+                        _check_budget(name, xc, x_adv, norm, eps)
+                        still = _predict(judge, x_adv) == yc
+                        if count_if is not None:
+                            still |= ~count_if(xc, x_adv)
+                        if worst is None or int(still.sum()) < int(worst[1].sum()):
+                            worst = x_adv, still
+                    x_adv, still = worst
                     robust[idx] = still
                     if not still.all():
                         sizes.append((x_adv[~still] - xc[~still]).flatten(1).float().norm(dim=1).cpu())
@@ -207,6 +235,25 @@ def _report(report, key: str, res: dict, eps: float | None) -> None:
         report.add(f"{key}/eps", eps)
 
 
+def _modes(cfg: AttackSettings) -> list[tuple[str, bool]]:
+    """(key suffix, adaptive) for each evaluation ``adapt`` asks for: ``("", False)`` is the static one."""
+    return {"static": [("", False)], "adaptive": [("/adaptive", True)],
+            "both": [("", False), ("/adaptive", True)]}[cfg.adapt]
+
+
+def _run(name: str, model, ctx, report, cfg, build: Build, norm: str | None, eps: float | None,
+         count_if=None, after: Callable[[str, dict], None] | None = None) -> None:
+    """Evaluate and report under ``name`` (static) and/or ``name/adaptive``; ``after(key, res)`` adds more."""
+    for suffix, adaptive in _modes(cfg):
+        key = name + suffix
+        res = _evaluate(key, model, ctx, cfg, build, norm, eps, count_if, adaptive)
+        _report(report, key, res, eps)
+        if getattr(cfg, "eot", None):
+            report.add(f"{key}/eot", cfg.eot)
+        if after is not None:
+            after(key, res)
+
+
 def _torchattack(atk, device: torch.device) -> AttackFn:
     atk.set_device(device)  # torchattacks guesses the device from the first parameter
     return atk
@@ -218,9 +265,8 @@ def fgsm(model, ctx, report, cfg: FGSMConfig) -> None:
     import torchattacks
 
     eps = _eps(ctx.run, cfg, "Linf")
-    res = _evaluate("fgsm", model, ctx, cfg, lambda: _torchattack(torchattacks.FGSM(model, eps=eps), ctx.run.device),
-                    "Linf", eps)
-    _report(report, "fgsm", res, eps)
+    _run("fgsm", model, ctx, report, cfg, lambda m: _torchattack(torchattacks.FGSM(m, eps=eps), ctx.run.device),
+         "Linf", eps)
 
 
 def pgd(model, ctx, report, cfg: PGDConfig) -> None:
@@ -228,13 +274,17 @@ def pgd(model, ctx, report, cfg: PGDConfig) -> None:
 
     eps = _eps(ctx.run, cfg, cfg.norm)
     alpha = cfg.alpha if cfg.alpha is not None else 2.5 * eps / cfg.steps
-    cls = torchattacks.PGD if cfg.norm == "Linf" else torchattacks.PGDL2
 
-    def build():
-        return _torchattack(cls(model, eps=eps, alpha=alpha, steps=cfg.steps, random_start=cfg.random_start),
-                            ctx.run.device)
+    def build(m):
+        if (cfg.eot or 1) > 1:
+            atk = torchattacks.EOTPGD(m, eps=eps, alpha=alpha, steps=cfg.steps, eot_iter=cfg.eot,
+                                      random_start=cfg.random_start)
+        else:
+            cls = torchattacks.PGD if cfg.norm == "Linf" else torchattacks.PGDL2
+            atk = cls(m, eps=eps, alpha=alpha, steps=cfg.steps, random_start=cfg.random_start)
+        return _torchattack(atk, ctx.run.device)
 
-    _report(report, "pgd", _evaluate("pgd", model, ctx, cfg, build, cfg.norm, eps), eps)
+    _run("pgd", model, ctx, report, cfg, build, cfg.norm, eps)
 
 
 def mifgsm(model, ctx, report, cfg: MIFGSMConfig) -> None:
@@ -243,18 +293,18 @@ def mifgsm(model, ctx, report, cfg: MIFGSMConfig) -> None:
     eps = _eps(ctx.run, cfg, "Linf")
     alpha = cfg.alpha if cfg.alpha is not None else eps / cfg.steps
 
-    def build():
-        return _torchattack(torchattacks.MIFGSM(model, eps=eps, alpha=alpha, steps=cfg.steps, decay=cfg.decay),
+    def build(m):
+        return _torchattack(torchattacks.MIFGSM(m, eps=eps, alpha=alpha, steps=cfg.steps, decay=cfg.decay),
                             ctx.run.device)
 
-    _report(report, "mifgsm", _evaluate("mifgsm", model, ctx, cfg, build, "Linf", eps), eps)
+    _run("mifgsm", model, ctx, report, cfg, build, "Linf", eps)
 
 
 def cw(model, ctx, report, cfg: CWConfig) -> None:
     import torchattacks
 
-    def build():
-        return _torchattack(torchattacks.CW(model, c=cfg.c, kappa=cfg.kappa, steps=cfg.steps, lr=cfg.lr),
+    def build(m):
+        return _torchattack(torchattacks.CW(m, c=cfg.c, kappa=cfg.kappa, steps=cfg.steps, lr=cfg.lr),
                             ctx.run.device)
 
     within = None
@@ -262,10 +312,11 @@ def cw(model, ctx, report, cfg: CWConfig) -> None:
         def within(x, x_adv):
             return (x_adv - x).flatten(1).float().norm(dim=1) <= cfg.eps
 
-    res = _evaluate("cw", model, ctx, cfg, build, None, None, within)
-    _report(report, "cw", res, cfg.eps)
-    if res["l2"].numel():
-        report.add("cw/l2", res["l2"].median().item())
+    def sizes(key, res):
+        if res["l2"].numel():
+            report.add(f"{key}/l2", res["l2"].median().item())
+
+    _run("cw", model, ctx, report, cfg, build, None, cfg.eps, within, sizes)
 
 
 def _apgd(loss: str, key: str):
@@ -274,12 +325,12 @@ def _apgd(loss: str, key: str):
 
         eps = _eps(ctx.run, cfg, cfg.norm)
 
-        def build():
-            return _torchattack(torchattacks.APGD(model, norm=cfg.norm, eps=eps, steps=cfg.steps,
+        def build(m):
+            return _torchattack(torchattacks.APGD(m, norm=cfg.norm, eps=eps, steps=cfg.steps,
                                                   n_restarts=cfg.n_restarts, seed=_seed(ctx.run, cfg), loss=loss,
-                                                  rho=cfg.rho), ctx.run.device)
+                                                  eot_iter=cfg.eot or 1, rho=cfg.rho), ctx.run.device)
 
-        _report(report, key, _evaluate(key, model, ctx, cfg, build, cfg.norm, eps), eps)
+        _run(key, model, ctx, report, cfg, build, cfg.norm, eps)
 
     run_apgd.__name__ = key
     return run_apgd
@@ -290,12 +341,12 @@ def square(model, ctx, report, cfg: SquareConfig) -> None:
 
     eps = _eps(ctx.run, cfg, cfg.norm)
 
-    def build():
-        return _torchattack(torchattacks.Square(model, norm=cfg.norm, eps=eps, n_queries=cfg.n_queries,
+    def build(m):
+        return _torchattack(torchattacks.Square(m, norm=cfg.norm, eps=eps, n_queries=cfg.n_queries,
                                                 n_restarts=cfg.n_restarts, p_init=cfg.p_init,
                                                 seed=_seed(ctx.run, cfg)), ctx.run.device)
 
-    _report(report, "square", _evaluate("square", model, ctx, cfg, build, cfg.norm, eps), eps)
+    _run("square", model, ctx, report, cfg, build, cfg.norm, eps)
 
 
 def _original_autoattack(model, run, cfg: AutoAttackConfig, eps: float) -> AttackFn:
@@ -315,6 +366,8 @@ def _original_autoattack(model, run, cfg: AutoAttackConfig, eps: float) -> Attac
     most = run.data.num_classes - 1
     adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, most)
     adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, most)
+    if cfg.eot is not None:  # as version 'rand' sets its 20
+        adversary.apgd.eot_iter = adversary.apgd_targeted.eot_iter = cfg.eot
 
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with keep_trace():
@@ -332,19 +385,20 @@ def autoattack(model, ctx, report, cfg: AutoAttackConfig) -> None:
 
         tag = f"torchattacks-{cfg.version}"
 
-        def build():
-            return _torchattack(torchattacks.AutoAttack(model, norm=cfg.norm, eps=eps, version=cfg.version,
+        def build(m):
+            return _torchattack(torchattacks.AutoAttack(m, norm=cfg.norm, eps=eps, version=cfg.version,
                                                         n_classes=run.data.num_classes, seed=_seed(run, cfg)),
                                 run.device)
     else:
         tag = cfg.version
 
-        def build():
-            return _original_autoattack(model, run, cfg, eps)
+        def build(m):
+            return _original_autoattack(m, run, cfg, eps)
 
-    res = _evaluate(f"autoattack ({tag})", model, ctx, cfg, build, cfg.norm, eps)
-    _report(report, "autoattack", res, eps)
-    report.accuracy(f"autoattack/{tag}/acc", res["robust"], res["labels"])
+    def by_version(key, res):
+        report.accuracy(f"{key}/{tag}/acc", res["robust"], res["labels"])
+
+    _run("autoattack", model, ctx, report, cfg, build, cfg.norm, eps, after=by_version)
 
 
 EVALUATORS = [

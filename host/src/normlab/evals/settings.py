@@ -66,6 +66,10 @@ class AttackSettings(EvalSettings):
     """Settings every attack evaluator accepts."""
 
     seed: int | None = Field(None, ge=0, description="attack randomness seed (default: the run's seed)")
+    adapt: Literal["static", "adaptive", "both"] = Field(
+        "static", description="static: attack the model adapted once to the domain's samples; adaptive: every "
+                              "attack forward adapts to the attacked batch itself (keys <name>/adaptive/...); "
+                              "both: the two, one after the other (docs/adaptive.md)")
 
 
 class BudgetSettings(AttackSettings):
@@ -84,6 +88,15 @@ class PGDConfig(BudgetSettings):
     steps: int = Field(20, ge=1)
     alpha: Budget | None = Field(None, gt=0, description="step size (default: 2.5 * eps / steps, Madry et al.)")
     random_start: bool = True
+    eot: int | None = Field(None, ge=1, description="Linf: gradients averaged over this many forwards per step "
+                                                    "(torchattacks EOTPGD; expectation over transformation, for "
+                                                    "stochastic models; default 1)")
+
+    @model_validator(mode="after")
+    def _check_eot(self):
+        if (self.eot or 1) > 1 and self.norm != "Linf":
+            raise ValueError("eot > 1 needs norm 'Linf' (torchattacks' EOTPGD); apgd takes eot with L2")
+        return self
 
 
 class MIFGSMConfig(BudgetSettings):
@@ -112,6 +125,9 @@ class APGDConfig(BudgetSettings):
     steps: int = Field(100, ge=1, description="iterations per restart (torchattacks' default is 10)")
     n_restarts: int = Field(1, ge=1)
     rho: float = Field(0.75, gt=0, lt=1, description="step-size halving threshold")
+    eot: int | None = Field(None, ge=1, description="gradients averaged over this many forwards per iteration "
+                                                    "(torchattacks APGD's eot_iter; expectation over "
+                                                    "transformation, for stochastic models; default 1)")
 
 
 class SquareConfig(BudgetSettings):
@@ -134,6 +150,9 @@ class AutoAttackConfig(BudgetSettings):
     implementation: Literal["pyautoattack", "torchattacks"] = Field(
         "pyautoattack", description="pyautoattack: the original AutoAttack; torchattacks: its re-implementation, "
                                     "which runs 10 iterations per APGD (weaker; only when asked for)")
+    eot: int | None = Field(None, ge=1, description="APGD-CE's and APGD-T's eot_iter (expectation over "
+                                                    "transformation; default: 1, or 20 for version rand, as the "
+                                                    "original sets)")
 
     @model_validator(mode="after")
     def _check_implementation(self):
@@ -144,6 +163,8 @@ class AutoAttackConfig(BudgetSettings):
                 raise ValueError("version 'fast' exists only for implementation 'pyautoattack'")
             if self.norm == "L1":
                 raise ValueError("norm 'L1' exists only for implementation 'pyautoattack'")
+            if self.eot is not None:
+                raise ValueError("eot exists only for implementation 'pyautoattack'")
         return self
 
 

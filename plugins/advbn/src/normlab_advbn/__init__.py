@@ -25,7 +25,9 @@ trained clean statistics). At test time the knob ``route`` chooses ``main``,
 ``aux`` or ``auto``: per test domain, from that domain's unlabeled samples, the
 route whose stored running statistics are closest to the statistics of the
 features entering its BNs (symmetric KL between per-channel normals, averaged
-over channels and layers; the divergence of the paper's section 5.3).
+over channels and layers; the divergence of the paper's section 5.3). An adaptive
+attack (docs/adaptive.md) sees auto choose on every attacked batch and attacks
+each route fixed (``on_choices``), keeping the worse.
 """
 
 from __future__ import annotations
@@ -206,16 +208,22 @@ def route_divergences(model: nn.Module, samples: torch.Tensor, ctx) -> dict[str,
     return out
 
 
+def _wanted(ctx) -> str:
+    """The route asked for: a value already in the context (a sweep over ``route``, an adaptive attack
+    fixing it), else the settings'."""
+    return ctx.route if ctx.route in (*ROUTES, "auto") else ctx.run.plugin_config(NAME).route
+
+
 @hookimpl
 def on_domain(model, domain, samples, ctx):
-    cfg: Config = ctx.run.plugin_config(NAME)
     old = ctx.route
-    wanted = old if old in (*ROUTES, "auto") else cfg.route  # a sweep over `route` sets ctx.route first
+    wanted = _wanted(ctx)
     if wanted == "auto":
         divs = route_divergences(model, samples, ctx)
         wanted = min(ROUTES, key=lambda r: divs[r])
-        _state(ctx.run).setdefault("auto", {})[domain] = {"route": wanted, **{f"divergence_{r}": divs[r]
-                                                                                for r in ROUTES}}
+        if not ctx.adaptive:  # an adaptive attack chooses on every forward: nothing per domain to record
+            _state(ctx.run).setdefault("auto", {})[domain] = {"route": wanted, **{f"divergence_{r}": divs[r]
+                                                                                    for r in ROUTES}}
     if wanted == old:
         return None
     ctx.route = wanted
@@ -224,6 +232,12 @@ def on_domain(model, domain, samples, ctx):
         ctx.route = old
 
     return restore
+
+
+@hookimpl
+def on_choices(ctx):
+    """``route: auto`` picks a route from the samples: an adaptive attack attacks each route fixed."""
+    return {"route": list(ROUTES)} if _wanted(ctx) == "auto" else None
 
 
 @hookimpl

@@ -27,6 +27,13 @@ BN (AdvBN's auxiliary BN, dual BN) the route in use is rectified.
 
 As in PyTorch's BatchNorm, the adapted ``running_var`` is the unbiased
 variance of the batch (``n / (n - 1)`` times the biased one).
+
+Adapting to every forward's own batch (``per_batch``, and any adaptive attack:
+``ctx.adaptive``, docs/adaptive.md) is one code path, :func:`per_forward`: it
+writes no buffer; a pre-hook on each chosen BN maps its input so that the BN's
+eval-mode normalisation with the stored statistics equals normalisation with
+the batch's (layer by layer, as above), through autograd, so an attacker's
+gradient runs through the statistics.
 """
 
 from __future__ import annotations
@@ -103,8 +110,7 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
     evaluated model never produces.
 
     Layers that do not run (another route) and layers that see one value per channel (n = 1 at a
-    1x1 feature map, where no variance exists) keep their source statistics. With ``per_batch`` the
-    hooks stay until ``undo`` and re-estimate on every forward (each evaluated batch) instead.
+    1x1 feature map, where no variance exists) keep their source statistics.
     """
     bns = select(model, cfg)
     saved = {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
@@ -112,7 +118,7 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
     used: set[str] = set()
     skipped: set[str] = set()
     seen: set[str] = set()  # BNs estimated in the current forward (a module may run twice in one)
-    layerwise = cfg.estimate == "layerwise" or cfg.per_batch
+    layerwise = cfg.estimate == "layerwise"
 
     def start(mod, inputs, name):
         if name in seen:
@@ -152,8 +158,6 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
             m.momentum = momentum
             m.eval()
 
-    if cfg.per_batch:
-        return undo, [n for n, _ in bns], [], 0
     x = samples[: cfg.n_samples]
     try:
         with ctx.active() if ctx is not None else contextlib.nullcontext():
@@ -174,15 +178,51 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
     return undo, sorted(used), sorted(skipped), x.shape[0]
 
 
+def moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of a BN input (N, C, ...), differentiable (float32 for
+    half-precision inputs)."""
+    f = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
+    var, mean = torch.var_mean(f, dim=[0, *range(2, f.dim())], correction=1)
+    return mean, var
+
+
+def per_forward(model: nn.Module, cfg: Config):
+    """Adapt the chosen BNs to the input of every forward until ``undo()``; no buffer is written.
+
+    A pre-hook maps each chosen BN's input ``f`` to ``(f - m) * sqrt((v0 + eps) / (v + eps)) + m0``,
+    where ``(m, v)`` are the statistics the variant takes from this forward's ``f`` (:func:`target`)
+    and ``(m0, v0)`` the stored ones: the BN's eval-mode output is then exactly (up to float
+    rounding) its output with statistics ``(m, v)``, and differentiable through them. A BN that runs
+    twice in one forward keeps the statistics of its first input; one value per channel keeps the
+    stored statistics, as in :func:`rectify`.
+    """
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def adapt(mod, inputs, name):
+        f = inputs[0]
+        if f.numel() // f.shape[1] < 2:
+            return None
+        if name not in seen:
+            seen[name] = target(*moments(f), mod.running_mean, mod.running_var, f.shape[0], cfg)
+        mean, var = seen[name]
+        shape = (1, -1) + (1,) * (f.dim() - 2)
+        scale = ((mod.running_var + mod.eps) / (var + mod.eps)).sqrt()
+        return ((f - mean.view(shape)) * scale.view(shape) + mod.running_mean.view(shape), *inputs[1:])
+
+    hooks = [m.register_forward_pre_hook(lambda mod, i, name=n: adapt(mod, i, name)) for n, m in select(model, cfg)]
+    hooks.append(model.register_forward_pre_hook(lambda *_: seen.clear()))
+
+    def undo():
+        for h in hooks:
+            h.remove()
+
+    return undo
+
+
 @hookimpl
 def on_model(model, run):
     """Refuse ``n_samples`` above what each domain offers (the run's ``adapt_samples``), before training."""
     cfg = run.plugin_config("bnrect")
-    if cfg.per_batch and any("clean".startswith(p) for p in cfg.domains):
-        # attacks run on the clean domain and require the model's buffers not to move
-        raise UsageError(f"{run.source}: plugins.bnrect.domains: per_batch re-estimates on every batch, which "
-                         f"the attack evaluators' clean domain cannot allow; expected prefixes that exclude "
-                         f"'clean', got {cfg.domains}")
     if not cfg.per_batch and cfg.n_samples > run.config.adapt_samples:
         raise UsageError(f"{run.source}: plugins.bnrect.n_samples: expected at most adapt_samples "
                          f"({run.config.adapt_samples}), the unlabeled samples each domain offers; got "
@@ -194,9 +234,15 @@ def on_domain(model, domain, samples, ctx):
     cfg = ctx.run.plugin_config("bnrect")
     if not any(domain.startswith(p) for p in cfg.domains):
         return None
+    if ctx.adaptive:  # an adaptive attack's forward: adapt to its own batch, through autograd
+        return per_forward(model, cfg)
+    if cfg.per_batch:
+        ctx.run.state.setdefault("bnrect", {})[domain] = {"n_samples": "each evaluated batch",
+                                                          "bn_layers": len(select(model, cfg))}
+        return per_forward(model, cfg)
     undo, used, skipped, n = rectify(model, samples, cfg, ctx)
     ctx.run.log.debug("bnrect: %s: %d BN layers from %d samples", domain, len(used), n)
-    record = {"n_samples": "each evaluated batch" if cfg.per_batch else n, "bn_layers": len(used)}
+    record = {"n_samples": n, "bn_layers": len(used)}
     if skipped:
         record["skipped_one_value_per_channel"] = len(skipped)
     ctx.run.state.setdefault("bnrect", {})[domain] = record
