@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-HEADLINE = ("clean/acc", "pgd/acc", "autoattack/acc", "corruptions/acc", "corruptions/mce", "corruptions/error",
-            "style/acc")
+HEADLINE = ("clean/acc", "pgd/acc", "pgd/adaptive/acc", "autoattack/acc", "autoattack/adaptive/acc",
+            "corruptions/acc", "corruptions/mce", "corruptions/error", "style/acc")
 
 
 def _detail(key: str) -> bool:

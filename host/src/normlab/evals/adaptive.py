@@ -7,9 +7,12 @@ instead: every forward first adapts the model to that forward's own input
 (``on_domain`` with ``ctx.adaptive``; bnrect re-estimates its statistics from
 the attacked batch, differentiably) and undoes it afterwards, so the attacker's
 gradient runs through the adaptation. A discrete choice (AdvBN's ``route:
-auto``) has no gradient: plugins name their choices in ``on_choices``, the
-attack runs once per combination of values fixed in the context, and per batch
-the adversarial images that the freely choosing model gets most wrong are kept.
+auto``) has no gradient: plugins name their choices in ``on_choices`` and the
+attack runs once per combination of values fixed in the context. The static
+attack's images (crafted on the model adapted once) are one more candidate: an
+exact gradient through the adaptation is not always the best direction (on
+bnrect models PGD-CE transferred from the static model beats it). Per batch
+the candidate that the freely adapting model gets most wrong is kept.
 docs/adaptive.md says when each evaluation is the right one.
 """
 
@@ -20,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ..context import current
+from ..context import Context, current
 
 __all__ = ["Adaptive", "fixings"]
 
@@ -41,6 +44,8 @@ class Adaptive(nn.Module):
 
     def forward(self, x):
         outer = current()  # the evaluator's context (inner=True inside an attack)
+        if outer.run is None:  # called outside any evaluation
+            outer = Context(run=self.run)
         with outer.using(adaptive=True, **self.fixed) as ctx:
             with self.run.domain(self.domain, x, ctx):
                 return self.model(x)

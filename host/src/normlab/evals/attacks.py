@@ -167,6 +167,16 @@ AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Build = Callable[[torch.nn.Module], AttackFn]
 
 
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: float | None,
               count_if: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               adaptive: bool = False) -> dict[str, Any]:
@@ -177,10 +187,12 @@ def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: f
     that exceed a budget the attack itself does not enforce (CW's ``eps``).
 
     Static: the model is adapted to the clean domain's samples for the whole evaluation.
-    ``adaptive``: the model is an :class:`~.adaptive.Adaptive` view (each forward adapts to its own
-    batch: the clean prediction to the clean batch, the attack and the final check to the
-    attacked batch of the correctly classified images); with discrete choices, one attack per
-    combination of fixed values, and per batch the adversarial images with the fewest correct.
+    ``adaptive``: the judge is an :class:`~.adaptive.Adaptive` view (each forward adapts to its own
+    batch: the clean prediction to the clean batch, each check to the adversarial batch of the
+    correctly classified images). Its candidates, each from the same random state: the attack
+    through the adaptation (one per combination of fixed discrete choices) and, when a plugin
+    adapts, the static attack's images (a transfer from the model adapted once); per batch the
+    candidate with the fewest images still right is kept.
     """
     run = ctx.run
     clean, robust_all, labels = [], [], []
@@ -188,34 +200,49 @@ def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: f
     # the forked RNG covers the loader too: iterating a DataLoader draws from torch's global RNG
     with seeded(run.device, _seed(run, cfg)), attack_mode(model), ctx.active():
         loader = test_loader(run, cfg)
+        samples, positions = run.domain_samples()
+
+        def static():
+            return run.domain("clean", samples, ctx, positions)
+
         if adaptive:
             judge = Adaptive(model, run)
-            targets = [Adaptive(model, run, fixed=f) if f else judge for f in fixings(run, ctx)]
+            targets = [(_label(f), Adaptive(model, run, fixed=f) if f else judge, contextlib.nullcontext)
+                       for f in fixings(run, ctx)]
+            if run.adapts:
+                targets.append(("transfer from static", model, static))
             domain = contextlib.nullcontext()
         else:
-            judge, targets = model, [model]
-            samples, positions = run.domain_samples()
-            domain = run.domain("clean", samples, ctx, positions)
+            judge, targets, domain = model, [("static", model, contextlib.nullcontext)], static()
         with domain:
             before = _buffers(model)
-            attacks = [build(m) for m in targets]
+            attacks = [(build(m), entered) for _, m, entered in targets]
+            kept = {label: [] for label, _, _ in targets}  # per candidate: robust per image, had it been kept
             for x, y in tqdm(loader, desc=name, leave=False, disable=run.quiet):
                 x, y = run.to_device(x), y.to(run.device)
                 correct = _predict(judge, x) == y
                 robust = correct.clone()
+                for v in kept.values():
+                    v.append(correct.clone())
                 idx = correct.nonzero().flatten()
                 if idx.numel():
                     xc, yc = x[idx], y[idx]
-                    worst = None
-                    for attack in attacks:
-                        with ctx.using(inner=True):
+                    worst, start = None, _rng_state(run.device)
+                    for i, (attack, entered) in enumerate(attacks):
+                        if i:
+                            _set_rng_state(run.device, start)
+                        with entered(), ctx.using(inner=True):
                             x_adv = attack(xc, yc).detach().to(xc.dtype)
+                        if not i:
+                            after = _rng_state(run.device)
                         _check_budget(name, xc, x_adv, norm, eps)
                         still = _predict(judge, x_adv) == yc
                         if count_if is not None:
                             still |= ~count_if(xc, x_adv)
+                        kept[targets[i][0]][-1][idx] = still
                         if worst is None or int(still.sum()) < int(worst[1].sum()):
                             worst = x_adv, still
+                    _set_rng_state(run.device, after)  # later batches draw as after one attack
                     x_adv, still = worst
                     robust[idx] = still
                     if not still.all():
@@ -225,7 +252,12 @@ def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: f
                 labels.append(y.cpu())
             _check_buffers(name, model, before)
     return {"clean": torch.cat(clean), "robust": torch.cat(robust_all), "labels": torch.cat(labels),
-            "l2": torch.cat(sizes) if sizes else torch.empty(0)}
+            "l2": torch.cat(sizes) if sizes else torch.empty(0),
+            "candidates": {k: float(torch.cat(v).float().mean()) for k, v in kept.items()}}
+
+
+def _label(fixed: dict[str, Any]) -> str:
+    return "through the adaptation" + "".join(f", {k}={v}" for k, v in fixed.items())
 
 
 def _report(report, key: str, res: dict, eps: float | None) -> None:
@@ -250,6 +282,8 @@ def _run(name: str, model, ctx, report, cfg, build: Build, norm: str | None, eps
         _report(report, key, res, eps)
         if getattr(cfg, "eot", None):
             report.add(f"{key}/eot", cfg.eot)
+        if adaptive:  # what each candidate alone would have given; the kept one is the worst per batch
+            report.records.setdefault("adaptive", {})[key] = {"candidates_acc": res["candidates"]}
         if after is not None:
             after(key, res)
 
