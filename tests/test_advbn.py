@@ -163,6 +163,9 @@ def test_the_front_runs_once_per_step_and_only_the_tail_repeats():
     bb.conv1.register_forward_hook(lambda *a: calls.__setitem__("front", calls["front"] + 1))
     bb.layer4.register_forward_hook(lambda *a: calls.__setitem__("tail", calls["tail"] + 1))
     host_step(run, batch(run))
+    assert calls == {"front": 1, "tail": 1 + 2 + 4 + 1}  # clean; the one-time fold check (plain, folded); ...
+    calls.update(front=0, tail=0)
+    host_step(run, batch(run, seed=1))
     assert calls == {"front": 1, "tail": 1 + 4 + 1}  # clean forward; 4 attack steps; adversarial forward
 
 

@@ -86,6 +86,14 @@ class Split:
             f = self.backbone.get_submodule(name)(f)
         return self.backbone.forward_head(f)
 
+    def tail_modules(self) -> Iterator[nn.Module]:
+        """The stages after the split, then the head's children (what :meth:`tail` runs)."""
+        for name in self.tail_names:
+            yield self.backbone.get_submodule(name)
+        for name in ("global_pool", "head_drop", "fc", "classifier", "head"):
+            if isinstance(getattr(self.backbone, name, None), nn.Module):
+                yield getattr(self.backbone, name)
+
     def front_modules(self) -> Iterator[nn.Module]:
         for name in self.front_names:
             yield self.backbone.get_submodule(name)

@@ -32,13 +32,15 @@ each route fixed (``on_choices``), keeping the worse.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from normlab import hookimpl
 from normlab.errors import UsageError
 from normlab.evals.attacks import attack_mode
 from normlab.evals.divergence import symmetric_kl
-from normlab.layers import RoutedNorm, Split, as_norm_act, split_points
+from normlab.layers import RoutedNorm, Split, as_norm_act, folded_if_exact, split_points
 from torch import nn
 
 from .settings import Config
@@ -92,9 +94,19 @@ def attack(tail, f: torch.Tensor, y: torch.Tensor, steps: int, step_size: float,
 
 
 def adversarial_features(model, split: Split, f: torch.Tensor, y: torch.Tensor, cfg: Config, clamp: bool, ctx):
-    """The attacked features: tail in eval mode through the aux BNs, no parameter gradients."""
+    """The attacked features: tail in eval mode through the aux BNs, no parameter gradients.
+
+    With ``fold`` (the default) the tail's eval-mode BNs are folded into their convolutions for the
+    attack's forwards and backwards (:func:`normlab.layers.folded`: exact up to float rounding, and
+    checked against the plain tail on the first batch; the training forwards never fold).
+    """
     with attack_mode(model), ctx.using(route="aux", perturb=True, inner=True):
-        mu, d_sigma, d_mu = attack(split.tail, f, y, cfg.steps, cfg.step_size, cfg.eps, clamp)
+        fold = contextlib.nullcontext()
+        if cfg.fold:
+            fold = folded_if_exact(_state(ctx.run), split.tail_modules(), lambda: split.tail(f[:8].detach().float()),
+                                   lambda msg: ctx.run.log.warning("advbn: %s", msg))
+        with fold:
+            mu, d_sigma, d_mu = attack(split.tail, f, y, cfg.steps, cfg.step_size, cfg.eps, clamp)
     return perturb(f.detach().float(), mu, d_sigma, d_mu, clamp)
 
 

@@ -24,4 +24,6 @@ class Config(BaseModel):
         "all", description="rows to perturb: all, or the first batch.extra['n_clean'] (AugMix's clean rows)")
     train: Literal["tail", "all"] = Field("tail", description="which part trains (a run file's model.trainable wins)")
     weight: float = Field(1.0, ge=0, description="weight of the adversarial CE term")
+    fold: bool = Field(True, description="fold the tail's eval-mode BNs into their convolutions for the attack "
+                                         "(exact up to float rounding; faster)")
     route: Literal["main", "aux", "auto"] = Field("main", description="test-time BN route of the tail")

@@ -48,6 +48,7 @@ the data order does not depend on whether attacks run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 from normlab import hookimpl
 from normlab.errors import UsageError
 from normlab.evals.attacks import attack_mode, seeded
+from normlab.layers import folded_if_exact
 
 from .settings import Config
 
@@ -91,13 +93,23 @@ def adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx, c
     """Adversarial examples for rows ``x`` under ``ctx`` (the rows' context, made active here).
 
     Eval mode, parameter gradients off (modes and flags restored), autocast
-    off (fp32), randomness seeded from the run and ``ctx.step``.
+    off (fp32), randomness seeded from the run and ``ctx.step``. With ``fold``
+    (the default) every eval-mode BN the attack's route selects is folded into
+    its convolution for the attack (:func:`normlab.layers.folded_if_exact`: exact
+    up to float rounding, checked once per run; per-sample routes and hooked BNs
+    are left as they are).
     """
     if cfg.steps == 0 or cfg.eps == 0:
         return x.detach()
     with seeded(x.device, attack_seed(ctx.run, ctx.step)), attack_mode(model), \
             torch.autocast(x.device.type, enabled=False), ctx.using(inner=True):
-        x_adv = make_attack(model, cfg, x.device)(x.detach().float(), y)
+        fold = contextlib.nullcontext()
+        if cfg.fold:
+            fold = folded_if_exact(getattr(ctx.run, "state", {}).setdefault("pgd", {}), [model],
+                                   lambda: model(x.detach().float()),
+                                   lambda msg: ctx.run.log.warning("pgd: %s", msg))
+        with fold:
+            x_adv = make_attack(model, cfg, x.device)(x.detach().float(), y)
     return x_adv.detach().to(x.dtype)
 
 

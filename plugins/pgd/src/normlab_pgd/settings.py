@@ -39,6 +39,8 @@ class Config(BaseModel):
     norm: Literal["Linf", "L2"] = Field("Linf", description="threat model: torchattacks PGD or PGDL2")
     attack_rows: Literal["clean", "all"] = Field(
         "clean", description="clean: rows [:n_clean] of an AugMix batch; all: every row")
+    fold: bool = Field(True, description="fold eval-mode BNs into their convolutions for the attack (exact up to "
+                                         "float rounding; faster)")
     trades: bool = Field(False, description="TRADES: CE(x) + beta KL(p(x) || p(x_adv)), attack torchattacks TPGD")
     beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")
 
