@@ -227,8 +227,12 @@ def main(argv=None) -> int:
     ap.add_argument("--method", choices=("pairs", "diff"), default="pairs",
                     help="pairs: the two train() calls alternate step by step in two threads (default); diff: "
                          "whole train() calls one after the other, (T(steps) - T(2)) / (steps - 2) per side")
+    ap.add_argument("--no-fold", action="store_true", help="pgd's fold: false on both sides (the attacks' BNs "
+                                                          "unfolded, as before issue 18)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
     args = ap.parse_args(argv)
+    if args.no_fold:
+        ATTACK["fold"] = False
     if not 3 <= args.steps <= MAX_STEPS:
         ap.error(f"--steps must be between 3 and {MAX_STEPS}")
     if args.repeats < 1:

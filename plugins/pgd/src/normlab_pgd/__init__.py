@@ -97,19 +97,20 @@ def adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx, c
     (the default) every eval-mode BN the attack's route selects is folded into
     its convolution for the attack (:func:`normlab.layers.folded_if_exact`: exact
     up to float rounding, checked once per run; per-sample routes and hooked BNs
-    are left as they are).
+    are left as they are), and the attack runs channels-last (the same numbers in
+    the layout oneDNN convolves fastest).
     """
     if cfg.steps == 0 or cfg.eps == 0:
         return x.detach()
     with seeded(x.device, attack_seed(ctx.run, ctx.step)), attack_mode(model), \
             torch.autocast(x.device.type, enabled=False), ctx.using(inner=True):
-        fold = contextlib.nullcontext()
+        fold, images = contextlib.nullcontext(), x.detach().float()
         if cfg.fold:
             fold = folded_if_exact(getattr(ctx.run, "state", {}).setdefault("pgd", {}), [model],
-                                   lambda: model(x.detach().float()),
-                                   lambda msg: ctx.run.log.warning("pgd: %s", msg))
+                                   lambda: model(images), lambda msg: ctx.run.log.warning("pgd: %s", msg),
+                                   channels_last=True)
         with fold:
-            x_adv = make_attack(model, cfg, x.device)(x.detach().float(), y)
+            x_adv = make_attack(model, cfg, x.device)(images, y)
     return x_adv.detach().to(x.dtype)
 
 
