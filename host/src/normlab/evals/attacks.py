@@ -253,7 +253,7 @@ def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: f
             _check_buffers(name, model, before)
     return {"clean": torch.cat(clean), "robust": torch.cat(robust_all), "labels": torch.cat(labels),
             "l2": torch.cat(sizes) if sizes else torch.empty(0),
-            "candidates": {k: float(torch.cat(v).float().mean()) for k, v in kept.items()}}
+            "candidates": {k: float(torch.cat(v).double().mean()) for k, v in kept.items()}}
 
 
 def _label(fixed: dict[str, Any]) -> str:
