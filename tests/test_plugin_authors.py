@@ -97,5 +97,6 @@ def test_attack_forwards_during_training_have_ctx_inner_set(tmp_path):
            "plugins": {"mixstyle": {"p": 0.0}, "seer": {}, "pgd": {"steps": 2, "eps": 0.1, "step_size": 0.05}},
            "evaluate": {"clean": {"n_examples": 32}}}
     normlab.run(cfg, out=tmp_path / "r", plugins={"seer": seer}, quiet=True)
-    # one training step: 2 attack steps (inner; torchattacks' PGD makes one forward per step) + the host forward
-    assert seer.seen == [True, True, False], seer.seen
+    # one training step: pgd's one-time fold check (a plain and a folded forward) and 2 attack steps (inner;
+    # torchattacks' PGD makes one forward per step), then the host forward
+    assert seer.seen == [True, True, True, True, False], seer.seen
