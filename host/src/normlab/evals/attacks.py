@@ -216,7 +216,7 @@ def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: f
             judge, targets, domain = model, [("static", model, contextlib.nullcontext)], static()
         with domain:
             before = _buffers(model)
-            attacks = [(build(m), entered) for _, m, entered in targets]
+            attacks = [(label, build(m), entered) for label, m, entered in targets]
             kept = {label: [] for label, _, _ in targets}  # per candidate: robust per image, had it been kept
             for x, y in tqdm(loader, desc=name, leave=False, disable=run.quiet):
                 x, y = run.to_device(x), y.to(run.device)
@@ -228,7 +228,7 @@ def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: f
                 if idx.numel():
                     xc, yc = x[idx], y[idx]
                     worst, start = None, _rng_state(run.device)
-                    for i, (attack, entered) in enumerate(attacks):
+                    for i, (label, attack, entered) in enumerate(attacks):
                         if i:
                             _set_rng_state(run.device, start)
                         with entered(), ctx.using(inner=True):
@@ -239,7 +239,7 @@ def _evaluate(name: str, model, ctx, cfg, build: Build, norm: str | None, eps: f
                         still = _predict(judge, x_adv) == yc
                         if count_if is not None:
                             still |= ~count_if(xc, x_adv)
-                        kept[targets[i][0]][-1][idx] = still
+                        kept[label][-1][idx] = still
                         if worst is None or int(still.sum()) < int(worst[1].sum()):
                             worst = x_adv, still
                     _set_rng_state(run.device, after)  # later batches draw as after one attack
