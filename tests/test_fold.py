@@ -120,3 +120,23 @@ def test_an_advbn_step_folds_checks_once_and_changes_nothing_it_should_not(monke
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)  # same multipliers found
     after = state(model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name,bns", [("efficientnet_b0", 49), ("resnet18", 20)])
+def test_a_whole_timm_model_folds_every_bn_timms_batchnormact2d_included(name, bns):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(x)
+        with folded([model], channels_last=True) as n:
+            fold = model(x)
+    assert n == bns  # efficientnet_b0's are all timm BatchNormAct2d (bn, drop, act in one module)
+    torch.testing.assert_close(fold, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))

@@ -12,12 +12,13 @@ weights and statistics, so enter the block again after the weights change.
 
 Only a plain ``nn.Conv2d`` immediately followed (in its parent's registration
 order) by an eval-mode BN with running statistics and no hooks is folded: a
-``NormAct`` (then FiLM, drop and activation still run) whose norm is a BN or a :class:`RoutedNorm` (the route the active
-context selects on entry; per-sample routing is not folded), a plain
-``BatchNorm2d`` or timm's ``BatchNormAct2d``. That is timm's conv-BN order in
-ResNet, EfficientNet and RegNet (every BN) and DenseNet (the BN after each
-layer's first conv; the pre-activation BNs follow a concatenation and stay); :func:`check_folded` compares a
-folded forward with the plain one, for callers to run once per model.
+``NormAct`` (then FiLM, drop and activation still run) whose norm is a BN or a
+:class:`RoutedNorm` (the route the active context selects on entry; per-sample
+routing is not folded), a plain ``BatchNorm2d`` or timm's ``BatchNormAct2d``.
+That is timm's conv-BN order in ResNet, EfficientNet and RegNet (every BN) and
+DenseNet (the BN after each layer's first conv; the pre-activation BNs follow a
+concatenation and stay); :func:`check_folded` compares a folded forward with the
+plain one, for callers to run once per model.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .norm import NormAct, RoutedNorm
+from .norm import NormAct, bn_affine, eval_bn
 
 __all__ = ["folded", "fold_pairs", "check_folded", "folded_if_exact"]
 
@@ -73,22 +74,23 @@ def _as(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
 def _target(norm: nn.Module) -> tuple[nn.modules.batchnorm._BatchNorm, nn.Module, Callable] | None:
     """(the BN that would run now, the module whose forward to shadow, its replacement), or None."""
     if isinstance(norm, NormAct):  # subclasses too (the condition plugin's fuses BN and FiLM): norm skipped
-        inner = norm.norm
-        bn, shadow = (inner.selected() if isinstance(inner, RoutedNorm) else inner), norm
+        bn, shadow = eval_bn(norm.norm), norm
 
         def replacement(x, m=norm):
             return m.act(m.drop(x if m.film is None else m.film(x)))
     elif type(norm) is nn.BatchNorm2d:
-        bn, shadow, replacement = norm, norm, _identity
+        bn, shadow, replacement = eval_bn(norm), norm, _identity
     elif isinstance(norm, nn.BatchNorm2d) and type(norm).__name__ == "BatchNormAct2d":  # timm's: bn, drop, act
         bn, shadow = norm, norm
+        if norm.training or not norm.track_running_stats or norm.running_mean is None:
+            bn = None
 
         def replacement(x, m=norm):
             return m.act(m.drop(x))
     else:
         return None
-    if (type(bn) is not nn.BatchNorm2d or bn.training or not bn.track_running_stats or bn.running_mean is None
-            or bn._forward_hooks or bn._forward_pre_hooks or shadow._forward_hooks or shadow._forward_pre_hooks):
+    if (bn is None or bn._forward_hooks or bn._forward_pre_hooks or shadow._forward_hooks
+            or shadow._forward_pre_hooks):
         return None
     return bn, shadow, replacement
 
@@ -114,10 +116,7 @@ def folded(modules: Iterable[nn.Module], channels_last: bool = False) -> Iterato
                 continue
             n += 1
             bn, shadow, replacement = found
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            scale, shift = bn_affine(bn)
             weight = (conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)).contiguous(memory_format=layout)
             bias = shift if conv.bias is None else shift + conv.bias * scale
 
@@ -128,7 +127,7 @@ def folded(modules: Iterable[nn.Module], channels_last: bool = False) -> Iterato
         if channels_last:  # the other convolutions too, in the same layout
             done = {id(m) for m, _ in patches}
             for conv in {id(c): c for root in modules for c in root.modules() if type(c) is nn.Conv2d}.values():
-                if id(conv) not in done and conv.weight.dim() == 4 and not conv._forward_pre_hooks:
+                if id(conv) not in done and not conv._forward_pre_hooks:
                     def forward(x, conv=conv, weight=conv.weight.contiguous(memory_format=layout)):
                         return conv._conv_forward(_as(x, layout), weight, conv.bias)
 
@@ -145,15 +144,12 @@ def folded(modules: Iterable[nn.Module], channels_last: bool = False) -> Iterato
 def check_folded(run: Callable[[], torch.Tensor], modules: Iterable[nn.Module], rtol: float = 1e-4) -> bool:
     """Whether ``run()`` (a forward through ``modules``) gives the same output folded as plain (True, without
     running it, when nothing would be folded)."""
-    modules = list(modules)
-    with folded(modules) as n:
-        pass
-    if not n:
-        return True
     with torch.no_grad():
-        plain = run()
-        with folded(modules):
+        with folded(modules) as n:
+            if not n:
+                return True
             fold = run()
+        plain = run()
     return bool(torch.allclose(fold, plain, rtol=rtol, atol=rtol * float(plain.abs().max().clamp_min(1e-12))))
 
 

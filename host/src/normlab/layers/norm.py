@@ -10,7 +10,8 @@ from torch import nn
 
 from ..context import Routing, current
 
-__all__ = ["NormAct", "RoutedNorm", "as_norm_act", "iter_norms", "replace_module", "batch_norms"]
+__all__ = ["NormAct", "RoutedNorm", "as_norm_act", "iter_norms", "replace_module", "batch_norms", "eval_bn",
+           "bn_affine"]
 
 
 class NormAct(nn.Module):
@@ -120,6 +121,26 @@ class RoutedNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"key={self.key!r}, names={self.names}"
+
+
+def eval_bn(norm: nn.Module) -> nn.BatchNorm2d | None:
+    """The plain BN that ``norm`` (a BN, or a :class:`RoutedNorm` under the active context) runs now, if it
+    normalises with its running statistics (eval mode); else None (train mode, per-sample routes, another
+    kind of layer)."""
+    bn = norm.selected() if isinstance(norm, RoutedNorm) else norm
+    if type(bn) is not nn.BatchNorm2d or bn.training or not bn.track_running_stats or bn.running_mean is None:
+        return None
+    return bn
+
+
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN as the per-channel affine map ``x * scale + shift``: ``scale = w / sqrt(v + eps)``,
+    ``shift = b - m * scale`` (``w = 1``, ``b = 0`` without affine parameters)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return scale, shift
 
 
 NORM_TYPES = (nn.BatchNorm2d, NormAct)

@@ -58,7 +58,7 @@ import torch
 from normlab import hookimpl
 from normlab.context import Context, current
 from normlab.errors import UsageError
-from normlab.layers import FiLM, NormAct, RoutedNorm, as_norm_act, iter_norms
+from normlab.layers import FiLM, NormAct, RoutedNorm, as_norm_act, bn_affine, eval_bn, iter_norms
 from torch import nn
 
 from .settings import Config
@@ -162,7 +162,7 @@ class CondNormAct(NormAct):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self._eval_bn()
+        bn = eval_bn(self.norm)
         coef = self._fused(bn, x.shape[0]) if bn is not None and isinstance(self.film, FiLM) else None
         if coef is None:
             return super().forward(x)
@@ -185,22 +185,12 @@ class CondNormAct(NormAct):
                 k is q if isinstance(k, (torch.Tensor, nn.Module)) else k == q for k, q in zip(cache[0], key)):
             return cache[1]
         a, shift = self.film.coefficients(n)
-        w = torch.rsqrt(bn.running_var + bn.eps)
-        b = -bn.running_mean * w
-        if bn.affine:
-            w = w * bn.weight
-            b = b * bn.weight + bn.bias
+        w, b = bn_affine(bn)
         out = (a * w, a * b + shift)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         self.__dict__["_fused_cache"] = None if grads else (key, out)
         return out
 
-    def _eval_bn(self) -> nn.BatchNorm2d | None:
-        """The plain BN this forward runs through, if it normalises with running statistics; else None."""
-        norm = self.norm.selected() if isinstance(self.norm, RoutedNorm) else self.norm
-        if type(norm) is not nn.BatchNorm2d or norm.training or not norm.track_running_stats:
-            return None
-        return norm
 
 
 def _is_shortcut(name: str) -> bool:
