@@ -21,7 +21,7 @@ def run_cli(args, capsys):
 
 BAD = {
     "unknown plugin": ("plugins: {advnb: {}}", r"run.yaml: plugins: unknown plugin 'advnb' \(did you mean 'advbn'\?\)"),
-    "plugin not installed": ("plugins: [slim]", r"plugins: plugin 'slim' is not installed; install it with: pip install normlab-slim"),
+    "plugin not installed": ("plugins: [future]", r"plugins: plugin 'future' is not installed; install it with: pip install normlab-future"),
     "misspelled key": ("train: {epoch: 3}", r"run.yaml: train.epoch: unknown key \(did you mean 'epochs'\?\)"),
     "misspelled nested optional key": ("model: {robustbench: {name: Standard, datset: cifar10}}",
                                        r"run.yaml: model.robustbench.datset: unknown key \(did you mean 'dataset'\?\)"),
@@ -65,8 +65,15 @@ BAD = {
 }
 
 
+FUTURE = "normlab_registry.CATALOGUE['future'] = normlab_registry.Entry('future', 'normlab-future', 'not released')"
+"""A catalogued plugin that no environment has installed (every published one is installed here)."""
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_run_file_exits_2_with_one_line_and_no_run_dir(case, tmp_path, write_yaml, capsys):
+def test_bad_run_file_exits_2_with_one_line_and_no_run_dir(case, tmp_path, write_yaml, capsys, monkeypatch):
+    import normlab_registry
+
+    monkeypatch.setitem(normlab_registry.CATALOGUE, "future", normlab_registry.Entry("future", "normlab-future", ""))
     text, pattern = BAD[case]
     path = write_yaml(text)
     out_dir = tmp_path / "out"
@@ -276,7 +283,7 @@ def test_hook_wrappers_are_rejected_with_the_plugin_named():
 @pytest.mark.parametrize("text, pattern", [
     ("trian: {epochs: 3}", r"trian: unknown key \(did you mean 'train'\?\)"),
     ("plugins: {advnb: {}}", r"plugins: unknown plugin 'advnb' \(did you mean 'advbn'\?\)"),
-    ("plugins: [slim]", r"plugins: plugin 'slim' is not installed; install it with: pip install normlab-slim"),
+    ("plugins: [future]", r"plugins: plugin 'future' is not installed; install it with: pip install normlab-future"),
     ("plugins: {bnrect: {n_smaples: 8}}", r"plugins.bnrect.n_smaples: unknown key \(did you mean 'n_samples'\?\)"),
     ("plugins: {pgd: {eps: 8/0}}", r"plugins.pgd.eps: Value error|plugins.pgd.eps: expected a number or a fraction"),
     ("plugins: {condition: {choices: [2.0]}, pgd: {}}", r"plugins.condition: choices must lie in \[0, 1\]"),
@@ -293,7 +300,8 @@ def test_bad_run_files_are_refused_before_torch_is_imported(text, pattern, tmp_p
     checked from metadata and torch-free settings modules, so refusing is fast."""
     path = tmp_path / "run.yaml"
     path.write_text(text)
-    probe = ("import sys, normlab.cli as c\ncode = c.main(['run', sys.argv[1], '--out', sys.argv[2]])\n"
+    probe = (f"import sys, normlab_registry, normlab.cli as c\n{FUTURE}\n"
+             "code = c.main(['run', sys.argv[1], '--out', sys.argv[2]])\n"
              "print('torch' in sys.modules, file=sys.stderr)\nsys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", probe, str(path), str(tmp_path / "o")], capture_output=True,
                           text=True, env=subprocess_env())

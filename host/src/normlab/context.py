@@ -75,6 +75,10 @@ class Context:
       advbn's training-time attacks, the attack evaluators): the model is in eval mode with
       parameter gradients off there, though ``training`` stays True during training, so a
       training-only plugin (a feature augmentation, a regulariser) checks ``inner`` to skip them.
+    - ``passes``: None, or a list of field overrides (``[{"width": 1.0}, {"width": 0.5}]``) set in
+      ``on_batch``: the training step then runs the forward, every plugin's ``on_loss`` and the
+      backward once per pass, under ``ctx.using(**overrides)``, before one optimizer step (slimmable
+      training sums the losses of every width). Each pass's graph is freed before the next.
     - ``adaptive``: True while an adaptive attack (``adapt: adaptive``, docs/adaptive.md) calls
       ``on_domain`` before each forward of the attacked model, with that forward's input as the
       samples: a plugin adapts for that one forward, differentiably where it can, and writes no
@@ -93,6 +97,7 @@ class Context:
     perturb: bool = False
     inner: bool = False
     adaptive: bool = False
+    passes: list[dict] | None = None
     features: dict = dataclasses.field(default_factory=dict)
     state: dict = dataclasses.field(default_factory=dict)
 

@@ -44,31 +44,46 @@ def training_curves(history: list[dict], path: Path) -> Path | None:
     return save(fig, path)
 
 
+def _gflops(m: dict, point: str = "") -> str:
+    """" (N GFLOPs)" for a run or a sweep point whose width has FLOPs recorded (the slim plugin), else ""."""
+    widths = [k.split("/")[1] for k in m if k.startswith("slim/width=") and k.endswith("/flops")]
+    width = next((p for p in point.split(",") if p.startswith("width=")), None)
+    if width is None and len(widths) == 1:
+        width = widths[0]
+    key = f"slim/{width}/flops"
+    return f" ({m[key] / 1e9:.3g} GFLOPs)" if width and key in m else ""
+
+
 def sara_plot(runs: dict[str, dict], path: Path) -> Path | None:
-    """SA-RA plane: a point per run with clean and attack accuracy, a curve per sweep. None if nothing to plot."""
+    """SA-RA plane: a point per run with clean and attack accuracy, a curve per sweep (per group of a grid's
+    later knobs: one per width), labelled with the FLOPs of a forward where the run records them. None if
+    nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
     plotted = False
     for name, results in runs.items():
         m = results["metrics"]
         attack = next((a for a in ATTACKS if f"{a}/acc" in m), None)
         if "clean/acc" in m and attack:
             ax.scatter(m["clean/acc"], m[f"{attack}/acc"], marker="s", zorder=3)
-            ax.annotate(name, (m["clean/acc"], m[f"{attack}/acc"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=8)
+            ax.annotate(name + _gflops(m), (m["clean/acc"], m[f"{attack}/acc"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=8)
             plotted = True
         values = list(dict.fromkeys(k.split("/")[1] for k in m if k.startswith("sweep/")))
         points = [(v, m.get(f"sweep/{v}/clean/acc"), next((m[f"sweep/{v}/{a}/acc"] for a in ATTACKS
                                                           if f"sweep/{v}/{a}/acc" in m), None)) for v in values]
         points = [p for p in points if p[1] is not None and p[2] is not None]
-        if points:
-            ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=f"{name} (sweep)")
-            for v, sa, ra in points:
-                ax.annotate(v, (sa, ra), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        groups = list(dict.fromkeys(",".join(v.split(",")[1:]) for v, _, _ in points))
+        for group in groups:
+            part = [p for p in points if ",".join(p[0].split(",")[1:]) == group]
+            label = f"{name} (sweep{' ' + group if group else ''}){_gflops(m, group)}"
+            ax.plot([p[1] for p in part], [p[2] for p in part], marker="o", label=label)
+            for v, sa, ra in part:
+                ax.annotate(v.split(",")[0], (sa, ra), textcoords="offset points", xytext=(4, 4), fontsize=7)
             plotted = True
     if not plotted:
         plt.close(fig)

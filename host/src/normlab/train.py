@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import time
@@ -213,6 +214,32 @@ def _flop_counter():
     return FlopCount()
 
 
+LOG_EVERY = 20  # steps between progress-bar updates, the loop's only device-to-host reads within an epoch
+
+
+def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int) -> tuple[dict, torch.Tensor]:
+    """One forward, the ``ce`` term and every plugin's ``on_loss`` under ``ctx``: (each term's value, the loss).
+
+    Sets ``batch.logits``. Raises :class:`RunFailure` on a non-finite loss. A step with ``ctx.passes``
+    runs this (and a backward) once per pass, with the pass's fields set on ``ctx``.
+    """
+    cfg, hooks = run.config.train, run.hooks
+    with ctx.active(), autocast(run.device, cfg.amp):
+        batch.logits = run.model(batch.x)
+        terms = LossTerms()
+        terms.add("ce", F.cross_entropy(batch.logits.float(), batch.y, reduction="none",
+                                        label_smoothing=cfg.label_smoothing))
+        hooks.call("on_loss", batch=batch, model=run.model, ctx=ctx, terms=terms)
+        values = terms.values()
+        loss = torch.stack(list(values.values())).sum()
+    if not torch.isfinite(loss):
+        bad = [n for n, v in values.items() if not torch.isfinite(v)]
+        where = "" if ctx.passes is None else f", pass {dict((k, getattr(ctx, k)) for k in ctx.passes[0])}"
+        raise RunFailure(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step "
+                         f"{global_step + 1}{where}); terms {bad} are not finite")
+    return values, loss
+
+
 def train(run, resume: bool = False) -> list[dict]:
     """Train ``run.model`` for ``train.epochs``; checkpoint and log each epoch; return the history."""
     cfg, model, hooks = run.config.train, run.model, run.hooks
@@ -249,18 +276,16 @@ def train(run, resume: bool = False) -> list[dict]:
             with count:
                 with ctx.active(), autocast(run.device, cfg.amp):
                     batch = hooks.call("on_batch", batch=batch, ctx=ctx)
-                    batch.logits = model(batch.x)
-                    terms = LossTerms()
-                    terms.add("ce", F.cross_entropy(batch.logits.float(), batch.y, reduction="none",
-                                                    label_smoothing=cfg.label_smoothing))
-                    hooks.call("on_loss", batch=batch, model=model, ctx=ctx, terms=terms)
-                    values = terms.values()
-                    loss = torch.stack(list(values.values())).sum()
-                if not torch.isfinite(loss):
-                    bad = [n for n, v in values.items() if not torch.isfinite(v)]
-                    raise RunFailure(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step "
-                                     f"{global_step + 1}); terms {bad} are not finite")
-                (loss / cfg.accumulate).backward()
+                first = None
+                for overrides in ctx.passes or [None]:  # slimmable training: one pass per width
+                    values, loss = _pass(run, batch, ctx if overrides is None else dataclasses.replace(
+                        ctx, **overrides), epoch, i, global_step)
+                    (loss / cfg.accumulate).backward()
+                    if first is None:
+                        first = batch.logits.detach()
+                    for n, v in values.items():
+                        sums[n] = sums.get(n, 0.0) + v.detach()
+                    sums["loss"] = sums.get("loss", 0.0) + loss.detach()
             if isinstance(count, FlopCount):
                 run.cost["train/step_flops"] = float(count.total)
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
@@ -268,13 +293,13 @@ def train(run, resume: bool = False) -> list[dict]:
                 opt.zero_grad(set_to_none=True)
                 sched.step()
             global_step += 1
-            for n, v in values.items():
-                sums[n] = sums.get(n, 0.0) + v.item()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
             n_clean = batch.extra.get("n_clean", batch.y.numel())  # rows before any added views
-            correct += (batch.logits[:n_clean].argmax(1) == batch.y[:n_clean]).sum().item()
+            correct = correct + (first[:n_clean].argmax(1) == batch.y[:n_clean]).sum()  # the first pass's
             seen += n_clean
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if i % LOG_EVERY == 0:  # the only read of a device value inside the epoch
+                bar.set_postfix(loss=f"{float(sums['loss']) / (i + 1):.3f}")
+        sums = {n: float(v) for n, v in sums.items()}
+        correct = int(correct)
         busy += time.perf_counter() - t0
         images += seen
         steps = len(loader)

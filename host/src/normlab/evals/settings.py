@@ -248,8 +248,12 @@ class DivergenceConfig(EvalSettings):
 # --- sweep --------------------------------------------------------------------
 
 class SweepConfig(Strict):
-    knob: str = Field(description=f"the context field to vary (one of {KNOBS}), plugins.NAME.FIELD or plugins.NAME")
-    values: list[Any] = Field(min_length=1)
+    knob: str | None = Field(None, description=f"the context field to vary (one of {KNOBS}), plugins.NAME.FIELD "
+                                               "or plugins.NAME")
+    values: list[Any] | None = Field(None, min_length=1)
+    grid: dict[str, list[Any]] | None = Field(
+        None, description=f"instead of knob and values: several context knobs (of {KNOBS}) at once, every "
+                          "combination, e.g. {lam: [0, 0.4, 1], width: [0.5, 1.0]}; keys sweep/lam=V,width=W/...")
     evaluators: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"clean": {}})
     _parsed: dict | None = PrivateAttr(None)  # the nested evaluators' validated settings
     _variants: list | None = PrivateAttr(None)  # plugin knobs: (label, validated plugin settings) per value
@@ -257,10 +261,31 @@ class SweepConfig(Strict):
     @property
     def plugin(self) -> str | None:
         """The plugin whose settings are swept, or None for a context knob."""
-        return self.knob.split(".")[1] if self.knob.startswith("plugins.") else None
+        return self.knob.split(".")[1] if self.knob is not None and self.knob.startswith("plugins.") else None
+
+    @property
+    def axes(self) -> dict[str, list[Any]]:
+        """Each knob swept and its values: the grid, or the one knob."""
+        return dict(self.grid) if self.grid is not None else {self.knob: self.values}
 
     @model_validator(mode="after")
     def _check(self):
+        if "sweep" in self.evaluators:
+            raise ValueError("a sweep cannot contain a sweep")
+        if self.grid is not None:
+            if self.knob is not None or self.values is not None:
+                raise ValueError("give either grid or knob and values, not both")
+            if not self.grid or not all(self.grid.values()):
+                raise ValueError("grid needs at least one knob, each with at least one value")
+            bad = [k for k in self.grid if k not in KNOBS]
+            if bad:
+                raise ValueError(f"grid knobs must be among {KNOBS}, got {bad[0]!r}")
+            lam = self.grid.get("lam", [0])
+            if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in lam):
+                raise ValueError("lam values must be numbers in [0, 1]")
+            return self
+        if self.knob is None or self.values is None:
+            raise ValueError("expected knob and values (or a grid)")
         parts = self.knob.split(".")
         if self.plugin is not None:
             if len(parts) not in (2, 3) or not all(parts):
@@ -269,8 +294,6 @@ class SweepConfig(Strict):
                 raise ValueError("with knob plugins.NAME each value is a mapping of that plugin's settings")
         elif self.knob not in KNOBS:
             raise ValueError(f"knob must be one of {KNOBS} or plugins.NAME[.FIELD], got {self.knob!r}")
-        if "sweep" in self.evaluators:
-            raise ValueError("a sweep cannot contain a sweep")
         if self.knob == "lam" and not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.values):
             raise ValueError("lam values must be numbers in [0, 1]")
         return self

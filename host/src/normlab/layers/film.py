@@ -56,8 +56,11 @@ class FiLM(nn.Module):
             return mu, sigma
         return 1 + self.scale(rows), self.shift(rows)
 
-    def coefficients(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-sample ``(a, b)``, each (n or 1, C), of ``x * a + b`` for the active condition; None without one."""
+    def coefficients(self, n: int, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-sample ``(a, b)``, each (n or 1, C), of ``x * a + b`` for the active condition; None without one.
+
+        ``channels`` below ``num_features`` keeps the first ones (a slimmable network at a narrower width
+        uses its first channels, and FiLM the coefficients of those)."""
         ctx = current()
         c = ctx.condition
         if c is None:
@@ -66,12 +69,14 @@ class FiLM(nn.Module):
             raise ValueError(f"FiLM: condition has {c.shape[0]} rows for a batch of {n}")
         rows, inverse = _distinct_rows(ctx, c)
         a, b = self._ab(rows.to(dtype=next(self.parameters()).dtype))
+        if channels is not None and channels != self.num_features:
+            a, b = a[:, :channels], b[:, :channels]
         if inverse is not None:
             a, b = a[inverse], b[inverse]
         return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        coef = self.coefficients(x.shape[0])
+        coef = self.coefficients(x.shape[0], x.shape[1])
         if coef is None:
             return x
         a, b = coef

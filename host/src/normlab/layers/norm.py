@@ -124,10 +124,12 @@ class RoutedNorm(nn.Module):
 
 
 def eval_bn(norm: nn.Module) -> nn.BatchNorm2d | None:
-    """The plain BN that ``norm`` (a BN, or a :class:`RoutedNorm` under the active context) runs now, if it
+    """The plain BN that ``norm`` (a BN, or nested :class:`RoutedNorm` under the active context) runs now, if it
     normalises with its running statistics (eval mode); else None (train mode, per-sample routes, another
     kind of layer)."""
-    bn = norm.selected() if isinstance(norm, RoutedNorm) else norm
+    bn = norm
+    while isinstance(bn, RoutedNorm):  # routes may nest (OATS: route, then width)
+        bn = bn.selected()
     if type(bn) is not nn.BatchNorm2d or bn.training or not bn.track_running_stats or bn.running_mean is None:
         return None
     return bn

@@ -184,7 +184,7 @@ class CondNormAct(NormAct):
         if cache is not None and len(cache[0]) == len(key) and all(
                 k is q if isinstance(k, (torch.Tensor, nn.Module)) else k == q for k, q in zip(cache[0], key)):
             return cache[1]
-        a, shift = self.film.coefficients(n)
+        a, shift = self.film.coefficients(n, bn.num_features)  # a slimmed width: its first channels
         w, b = bn_affine(bn)
         out = (a * w, a * b + shift)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
