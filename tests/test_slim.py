@@ -101,6 +101,12 @@ def test_half_width_network_equals_the_dedicated_half_network_with_sliced_weight
     model = slimmed(copy.deepcopy(full)).eval()
     x = torch.randn(3, 3, 32, 32)
     assert torch.allclose(at(0.5, lambda: model(x)), half.eval()(x), atol=1e-5)
+    with FlopCounterMode(display=False) as counter:
+        half(x[:1])
+    assert slim.flops(model, x[:1], Context(), 0.5) == counter.get_total_flops()  # the dedicated network's
+    with FlopCounterMode(display=False) as counter:
+        full.eval()(x[:1])
+    assert slim.flops(model, x[:1], Context(), 1.0) == counter.get_total_flops()
 
 
 def test_switchable_bns_per_width_and_the_same_tree_in_either_order_with_condition():
