@@ -9,12 +9,14 @@ from normlab import hookimpl
 
 
 class Killer:
-    """Kills its own process (SIGKILL, no cleanup) at NORMLAB_TEST_KILL_AT='epoch:step' (0-based epoch)."""
+    """Kills its own process (SIGKILL, no cleanup) at NORMLAB_TEST_KILL_AT='epoch:step' (0-based epoch); in a
+    distributed run only the process whose RANK is NORMLAB_TEST_KILL_RANK (default: every one)."""
 
     @hookimpl
     def on_batch(self, batch, ctx):
         at = os.environ.get("NORMLAB_TEST_KILL_AT")
-        if at:
+        who = os.environ.get("NORMLAB_TEST_KILL_RANK")
+        if at and (who is None or os.environ.get("RANK") == who):
             epoch, step = (int(v) for v in at.split(":"))
             start = epoch * (ctx.run.config.data.n_train // ctx.run.config.data.batch_size)
             if ctx.epoch == epoch and ctx.step - start == step:
@@ -94,3 +96,30 @@ class FlipAtHighLam:
     @hookimpl
     def on_model(self, model, run):
         model.fc = self.Head(model.fc)
+
+
+class RankState:
+    """At each epoch's end writes, per rank, a digest of the model's state (weights, statistics, the OAT matrix)
+    and of run.state to NORMLAB_TEST_STATE_DIR/rank-R.json; raises at NORMLAB_TEST_RAISE_RANK's first step."""
+
+    @hookimpl
+    def on_batch(self, batch, ctx):
+        if os.environ.get("NORMLAB_TEST_RAISE_RANK") == os.environ.get("RANK", "0") and ctx.step == 1:
+            raise RuntimeError("this rank fails on purpose")
+
+    @hookimpl
+    def on_epoch(self, model, ctx, metrics):
+        import hashlib
+        import json
+
+        out = os.environ.get("NORMLAB_TEST_STATE_DIR")
+        if not out:
+            return
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        state = {k: repr(v) for k, v in sorted(ctx.run.state.items()) if k != "rank_state"}
+        path = os.path.join(out, f"rank-{os.environ.get('RANK', '0')}.json")
+        with open(path, "w") as f:
+            json.dump({"model": h.hexdigest(), "run_state": state, "shard": list(ctx.run.shard)}, f)

@@ -347,6 +347,11 @@ def test_advbn_and_nf_conflict_and_a_grid_names_undeclared_knobs(write_yaml, cap
     path = write_yaml({"plugins": {"slim": {"widths": [1.0, 0.5], "width": 0.25}}})
     assert main(["run", str(path)]) == 2
     assert "plugins.slim: width must be one of widths [1.0, 0.5], got 0.25" in capsys.readouterr().err
+    path = write_yaml({"plugins": {"slim": {"widths": [1.0, 0.5]}},
+                       "evaluate": {"sweep": {"grid": {"width": [1.0, 0.75]}}}})
+    assert main(["run", str(path)]) == 2  # at build time, before any training
+    assert "evaluate.sweep.grid.width: expected widths among plugins.slim.widths [1.0, 0.5], got 0.75" in \
+        capsys.readouterr().err
     path = write_yaml({"evaluate": {"sweep": {"grid": {"lam": [0, 1]}, "knob": "lam", "values": [0]}}})
     assert main(["run", str(path)]) == 2
     assert "give either grid or knob and values" in capsys.readouterr().err

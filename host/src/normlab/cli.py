@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a run-file key, e.g. --set train.epochs=5 (repeatable)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine: the same as torchrun --standalone "
+                        "--nproc_per_node N -m normlab.cli run FILE ... (data.batch_size is the global batch)")
 
     e = sub.add_parser("eval", help="evaluate a finished run again without training")
     e.add_argument("run_dir")
@@ -83,6 +86,11 @@ def _interval(metrics: dict, key: str) -> str:
     return f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else ""
 
 
+def _value(v: float) -> str:
+    """A metric as the tables print it: 4 decimals, or 4 significant digits for counts such as FLOPs."""
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"
+
+
 def results_table(results: dict, everything: bool = True) -> str:
     """The results table of a results.json mapping: each metric, and the 95% interval over test examples of
     each accuracy (Wilson; a normal interval of the mean for averages over domains)."""
@@ -92,7 +100,7 @@ def results_table(results: dict, everything: bool = True) -> str:
         return "(no metrics)"
     width = max(len(k) for k in keys)
     lines = [f"{'metric':<{width}}  value   95% interval", f"{'-' * width}  ------  ----------------"]
-    lines += [f"{k:<{width}}  {metrics[k]:.4f}  {_interval(metrics, k)}".rstrip() for k in keys]
+    lines += [f"{k:<{width}}  {_value(metrics[k])}  {_interval(metrics, k)}".rstrip() for k in keys]
     timing = results.get("timing", {})
     if timing:
         lines.append("")
@@ -326,6 +334,7 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bo
         keys = [k for k in HEADLINE if k in present]
         keys += [k for k in present if k.split("/")[0] in ("corruptions", "style") and k.count("/") == 2]
         keys += sorted(k for k in present if k.startswith("sweep/") and k.count("/") == 3 and k.endswith("/acc"))
+        keys += [k for k in present if k.endswith("/flops")]  # the cost of a forward per width (slim)
     base, rest = entries[0], entries[1:]
     header = ["metric"] + [e.name for e in entries] + [f"{e.name} - {base.name}" for e in rest]
     rows, tests = [], set()
@@ -336,14 +345,14 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bo
                 row.append("-")
             else:
                 lo_hi = e.intervals.get(k)
-                row.append(f"{e.metrics[k]:.4f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""))
+                row.append(_value(e.metrics[k]) + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""))
         for e in rest:
             if k not in e.metrics or k not in base.metrics:
                 row.append("-")
                 continue
             diff, p, test = paired_test(base, e, k)
             if p is None:
-                row.append(f"{diff:+.4f}")
+                row.append(f"{diff:+.4f}" if abs(diff) < 1e5 else f"{diff:+.4g}")
             else:
                 tests.add(test)
                 row.append(f"{diff:+.4f} p={p:.3g} " + ("*" if p < ALPHA else "n.s."))
@@ -458,6 +467,29 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def _rank() -> str:
+    """"rank R: " in a process of a distributed run (torchrun sets RANK and WORLD_SIZE), else ""."""
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """``normlab run --nproc N ...`` as ``torchrun --standalone --nproc_per_node N -m normlab.cli run ...``: its
+    exit status (1 when any process failed; torchrun names the rank)."""
+    import subprocess
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "normlab.cli", *rest]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = logging.getLogger("normlab")  # our messages only, not every library's INFO lines
@@ -480,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args.run_dirs, args.keys, args.plot, args.cost)
         if args.command == "run":
             precheck(args.file, args.overrides)  # before torch is imported: bad input is refused in well under 1 s
+            if args.nproc < 1:
+                raise UsageError(f"--nproc: expected at least 1 process, got {args.nproc}")
+            if args.nproc > 1 and "RANK" not in os.environ:
+                return _torchrun(args.nproc, argv if argv is not None else sys.argv[1:])
         from . import runner
 
         quiet = True if args.quiet else None
@@ -487,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             result = runner.run(args.file, out=args.out, overrides=args.overrides, resume=args.resume, quiet=quiet)
         else:
             result = runner.evaluate(args.run_dir, overrides=args.overrides, quiet=quiet, name=args.name)
+        if os.environ.get("RANK", "0") != "0":  # another process of a distributed run: rank 0 reports
+            return EXIT_OK
         if isinstance(result, runner.GroupResult):
             print(group_table(result.summary, everything=False))
             print(f"\nseed group: {result.dir} (runs: {', '.join(p.name for p in result.runs.values())})")
@@ -495,10 +533,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun directory: {result.dir}")
         return EXIT_OK
     except UsageError as e:
-        print(f"normlab: error: {e}", file=sys.stderr)
+        print(f"normlab: {_rank()}error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailure as e:
-        print(f"normlab: run failed: {e}", file=sys.stderr)
+        print(f"normlab: {_rank()}run failed: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("normlab: interrupted; continue with --resume", file=sys.stderr)
@@ -508,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except Exception:
         traceback.print_exc()
+        if _rank():
+            print(f"normlab: {_rank()}run failed (traceback above)", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -117,6 +117,9 @@ class TrainConfig(Strict):
     milestones: list[int] = Field(default_factory=list, description="epochs at which `step` multiplies lr by gamma")
     gamma: float = Field(0.1, gt=0, le=1)
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
+    sync_bn: bool = Field(False, description="with several processes (torchrun), normalise every BN with the "
+                                             "global batch's statistics (SyncBatchNorm); otherwise each process "
+                                             "uses its own batch_size / N rows'")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")

@@ -118,22 +118,37 @@ def embedded_mnist() -> tuple[TensorImages, TensorImages]:
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    With ``world`` > 1 (one run on several processes) rank ``rank`` yields, of each global batch of
+    ``world * block`` consecutive indices of that order, its own contiguous ``block`` (rank 0 the first):
+    the ranks together see the global batches a 1-process run with batch ``world * block`` sees, and a
+    last incomplete global batch is dropped.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, block: int = 1):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.rank, self.world, self.block = rank, world, block
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def _order(self) -> list[int]:
         if not self.shuffle:
-            return iter(range(self.n))
+            return list(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        if self.world == 1:
+            return iter(order)
+        step = self.world * self.block
+        return iter([i for start in range(0, len(order) - step + 1, step)
+                     for i in order[start + self.rank * self.block: start + (self.rank + 1) * self.block]])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.world == 1 else self.n // (self.world * self.block) * self.block
 
 
 def fixed_order(n: int) -> torch.Tensor:
@@ -173,7 +188,13 @@ class DataBundle:
     train_workers: int = 0  # at least this many loader workers for the train split (plugins making views set it)
 
     def loader(self, split: str, batch_size: int, *, seed: int = 0, shuffle: bool | None = None,
-               num_workers: int = 0, n: int | None = None, drop_last: bool = False) -> DataLoader:
+               num_workers: int = 0, n: int | None = None, drop_last: bool = False,
+               shard: tuple[int, int] = (0, 1)) -> DataLoader:
+        """Batches of ``split``; ``shard=(rank, world)`` gives rank ``rank`` its ``batch_size / world`` rows of
+        each global batch of ``batch_size`` (:class:`EpochSampler`)."""
+        rank, world = shard
+        if batch_size % world:
+            raise ValueError(f"a global batch of {batch_size} does not split over {world} processes")
         ds = self.train if split == "train" else self.test
         if split == "train":
             num_workers = max(num_workers, self.train_workers)
@@ -184,7 +205,8 @@ class DataBundle:
         shuffle = split == "train" if shuffle is None else shuffle
         fast = hasattr(ds, "__getitems__") and isinstance(getattr(ds, "dataset", ds), TensorImages)
         return DataLoader(
-            ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle), drop_last=drop_last,
+            ds, batch_size=batch_size // world, sampler=EpochSampler(len(ds), seed, shuffle, rank, world,
+                                                                     batch_size // world), drop_last=drop_last,
             num_workers=num_workers, collate_fn=_batched if fast else None,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
         )

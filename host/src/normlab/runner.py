@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import load_checkpoint
 from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
 from .context import Context
@@ -99,6 +99,13 @@ class Run:
     def train_only(self, prefixes: Sequence[str]) -> None:
         """Suggest which backbone parameters train (a run file's ``model.trainable`` wins)."""
         self.trainable = list(prefixes)
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, number of processes) of a distributed run (``(0, 1)`` otherwise): each training batch a plugin
+        sees is rows ``rank * n : (rank + 1) * n`` of a global batch of ``n * processes`` rows, so a plugin that
+        draws per-row randomness (condition's lambdas) draws it for the global batch and keeps its rows."""
+        return distributed.rank(), distributed.world()
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -429,6 +436,8 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
     if cfg.seeds is not None:
         return _run_seeds(config, cfg, source, out, overrides, resume, plugins, quiet)
     r = prepare(cfg, source, plugins, quiet)
+    if distributed.launched():
+        return _run_distributed(r, out, source, resume)
     run_dir = _new_run_dir(out, source, resume)
     r.build()
     if resume:
@@ -440,6 +449,57 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
             write_text_atomic(run_dir / "run.yaml",
                               yaml.safe_dump({**r.resolved(), "versions": r.versions()}, sort_keys=False))
         with _logged(run_dir):
+            return _train_and_evaluate(r, resume)
+
+
+def _run_distributed(r: Run, out, source: str, resume: bool) -> RunResult:
+    """One rank of a torchrun launch (normlab.distributed): every rank builds and trains; rank 0 checks and
+    writes the run directory and, after training, evaluates alone."""
+    r.device = distributed.init(r.device)
+    world, rank = distributed.world(), distributed.rank()
+    if rank:
+        r.quiet = True
+        log.setLevel(logging.WARNING)
+    if r.config.data.batch_size % world:
+        raise UsageError(f"{source}: data.batch_size: expected a multiple of the {world} processes (each takes "
+                         f"batch_size / {world} rows of every global batch), got {r.config.data.batch_size}")
+    checked = None
+    if rank == 0:
+        try:
+            checked = str(_new_run_dir(out, source, resume))
+        except UsageError as e:
+            checked = e
+    checked = distributed.from_main(checked)
+    if isinstance(checked, UsageError):
+        raise checked
+    run_dir = Path(checked)
+    r.build()
+    if r.config.train.sync_bn:
+        log.info("train.sync_bn: %d BN layers synchronised over %d processes",
+                 distributed.sync_batch_norms(r.model), world)
+    problem = None
+    if resume and rank == 0:
+        try:
+            _check_resume(r, run_dir)
+        except UsageError as e:
+            problem = e
+    problem = distributed.from_main(problem)
+    if problem is not None:
+        raise problem
+    r.dir = run_dir
+    if rank:
+        train(r, resume=resume)  # reads checkpoints from the run directory, writes nothing
+        distributed.close()
+        return RunResult(run_dir, {}, r.model, [])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(run_dir, "--out"):
+        if not resume:
+            write_text_atomic(run_dir / "run.yaml",
+                              yaml.safe_dump({**r.resolved(), "versions": r.versions()}, sort_keys=False))
+        with _logged(run_dir):
+            log.info("distributed: %d processes (%s), global batch %d, %d per rank", world,
+                     "nccl" if r.device.type == "cuda" else "gloo", r.config.data.batch_size,
+                     r.config.data.batch_size // world)
             return _train_and_evaluate(r, resume)
 
 
@@ -496,6 +556,7 @@ def _train_and_evaluate(r: Run, resume: bool) -> RunResult:
             log.info("  %s: %s", hook, " -> ".join(r.hooks.implemented(hook)))
     t0 = time.perf_counter()
     history = train(r, resume=resume)
+    distributed.close()  # evaluation runs in this process alone (rank 0 of a distributed run)
     timing = {"train": time.perf_counter() - t0}
     training_curves(history, run_dir / "plots" / "training.png")
     report = _evaluate(r, timing)

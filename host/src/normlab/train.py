@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import last_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .results import write_text_atomic
 from .config import _short
@@ -243,11 +244,14 @@ def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int) -> tup
 def train(run, resume: bool = False) -> list[dict]:
     """Train ``run.model`` for ``train.epochs``; checkpoint and log each epoch; return the history."""
     cfg, model, hooks = run.config.train, run.model, run.hooks
+    main, world = distributed.is_main(), distributed.world()
     loader = run.data.loader("train", run.config.data.batch_size, seed=run.config.seed,
-                             num_workers=run.config.data.num_workers, n=run.config.data.n_train, drop_last=True)
+                             num_workers=run.config.data.num_workers, n=run.config.data.n_train, drop_last=True,
+                             shard=(distributed.rank(), world))
     val_loader = run.data.loader("test", 512, shuffle=False, n=cfg.val_examples)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.accumulate))
-    opt = build_optimizer(run.trainable_parameters(), cfg)
+    params = run.trainable_parameters()
+    opt = build_optimizer(params, cfg)
     sched = build_scheduler(opt, steps_per_epoch, cfg)
     history: list[dict] = []
     start = 0
@@ -257,7 +261,7 @@ def train(run, resume: bool = False) -> list[dict]:
         run.log.info("resuming after epoch %d", start)
     elif resume:  # stopped before its first checkpoint: the same run from the start
         run.log.info("no finished epoch to resume from; starting over from epoch 0")
-    if resume:
+    if resume and main:
         for path in remove_partial(run.dir):
             run.log.info("removed an incomplete checkpoint: %s", path.name)
     global_step = start * len(loader)
@@ -268,7 +272,7 @@ def train(run, resume: bool = False) -> list[dict]:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         correct = seen = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=run.quiet)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=run.quiet or not main)
         for i, items in enumerate(bar):
             batch = as_batch(run, items)
             ctx = Context(run=run, training=True, epoch=epoch, step=global_step)
@@ -289,6 +293,7 @@ def train(run, resume: bool = False) -> list[dict]:
             if isinstance(count, FlopCount):
                 run.cost["train/step_flops"] = float(count.total)
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
+                distributed.all_reduce_gradients(params)  # several processes: the gradient of the global batch
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
@@ -298,6 +303,8 @@ def train(run, resume: bool = False) -> list[dict]:
             seen += n_clean
             if i % LOG_EVERY == 0:  # the only read of a device value inside the epoch
                 bar.set_postfix(loss=f"{float(sums['loss']) / (i + 1):.3f}")
+        if world > 1:  # the epoch's numbers over the global batches
+            sums, correct, seen = distributed.mean_over_ranks(sums), distributed.sum_over_ranks(correct), seen * world
         sums = {n: float(v) for n, v in sums.items()}
         correct = int(correct)
         busy += time.perf_counter() - t0
@@ -310,15 +317,16 @@ def train(run, resume: bool = False) -> list[dict]:
         row["seconds"] = time.perf_counter() - t0
         if hooks.implemented("on_epoch"):
             _epoch_hooks(run, epoch, row)
-        if hooks.implemented("on_log"):
+        if hooks.implemented("on_log") and main:
             hooks.call("on_log", ctx=Context(run=run, epoch=epoch), metrics=dict(row), plots={})
         history.append(row)
         run.log.info("epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)", epoch + 1, cfg.epochs,
                      row["train_loss"], row["train_acc"], row["val_acc"], row["seconds"])
-        save_checkpoint(run.dir, epoch + 1, model, opt, sched, extra={"history": history})
-        _write_metrics(run.dir / "metrics.csv", history)
+        if main:  # one writer; every rank holds the same weights
+            save_checkpoint(run.dir, epoch + 1, model, opt, sched, extra={"history": history})
+            _write_metrics(run.dir / "metrics.csv", history)
     if images:
         run.cost["train/images_per_s"] = images / busy
-    if cfg.epochs == 0 or start >= cfg.epochs and not (run.dir / "checkpoints" / "last.json").exists():
+    if main and (cfg.epochs == 0 or start >= cfg.epochs and not (run.dir / "checkpoints" / "last.json").exists()):
         save_checkpoint(run.dir, 0, model, extra={"history": history})
     return history

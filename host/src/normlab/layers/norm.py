@@ -115,8 +115,11 @@ class RoutedNorm(nn.Module):
         return self._per_sample(x, sel)
 
     def _per_sample(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        outs = [self.routes[self.index(name)](chunk)
-                for name, chunk in zip(routing.names, x.split(routing.counts)) if chunk.shape[0]]
+        # a route with no rows is skipped, except a synchronised BN in training (normlab.distributed): every
+        # process must join its all-reduces, whether or not it has rows for that route
+        outs = [route(chunk) for route, chunk in ((self.routes[self.index(n)], c)
+                                                  for n, c in zip(routing.names, x.split(routing.counts)))
+                if chunk.shape[0] or (route.training and getattr(route, "collective", False))]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def extra_repr(self) -> str:

@@ -32,7 +32,9 @@ which gives ``ceil(N / len(choices))`` zeros as the public code does. In
 ``iid`` sampling each row is 0 with probability ``zero_fraction``, else a
 nonzero choice, and the batch is permuted once so that the zeros come first.
 Either way the zeros are contiguous, so the routed BNs split the batch with
-views (no gather or scatter).
+views (no gather or scatter). In a distributed run (``run.shard``) ``fixed``
+sampling draws the global batch's lambdas and each process keeps its rows' (the
+same lambdas per row as one process), while ``iid`` permutes each process's rows.
 
 Test time (``on_domain``, knob ``lam``): lambda is any value in [0, 1]. A value
 between two training choices gets the linear interpolation of their encodings
@@ -251,7 +253,13 @@ def on_batch(batch, ctx: Context):
     run = ctx.run
     cfg: Config = run.plugin_config("condition")
     code = _code(run)
-    idx, perm = sample_indices(batch.x.shape[0], cfg)
+    n = batch.x.shape[0]
+    rank, world = getattr(run, "shard", (0, 1))
+    if world > 1 and cfg.sampling == "fixed":  # the global batch's lambdas (as one process draws them), these rows'
+        idx, perm = sample_indices(n * world, cfg)
+        idx = idx[rank * n: (rank + 1) * n]
+    else:  # iid in a distributed run: each process permutes its own rows (differs from a 1-process run)
+        idx, perm = sample_indices(n, cfg)
     device = batch.x.device
     if perm is not None:
         perm = perm.to(device)

@@ -193,6 +193,9 @@ def on_loss(batch, model, ctx, terms):
     if m == 0 and (cfg.combine == "mean" or cfg.trades):  # no rows to attack (n_clean is 0)
         return
     if m == 0:  # every lambda is 0: plain CE; the term stays (all weights 0) so the logged columns do not change
+        if getattr(ctx.run, "shard", (0, 1))[1] > 1:  # other processes forward their rows: join synchronised BNs
+            with rows_context(ctx, idx).active():
+                model(batch.x[:0])
         terms.reweight("ce", 1 - lam)
         terms.add("adv", terms["ce"].detach().float().new_zeros(total), lam)
         return

@@ -159,10 +159,23 @@ def _supported(model: nn.Module, run) -> None:
                              f"({run.config.model.name}'s {name} is a {type(m).__name__})")
 
 
+def _check_sweeps(run, cfg: Config) -> None:
+    """A sweep over ``width`` names only trained widths (refused at build time, not after training)."""
+    sweep = getattr(run, "evaluators", {}).get("sweep")
+    if sweep is None or sweep.plugin is not None or "width" not in sweep.axes:
+        return
+    bad = [w for w in sweep.axes["width"] if float(w) not in cfg.widths]
+    if bad:
+        key = "grid.width" if sweep.grid is not None else "values"
+        raise UsageError(f"{run.source}: evaluate.sweep.{key}: expected widths among plugins.slim.widths "
+                         f"{cfg.widths}, got {bad[0]}")
+
+
 @hookimpl
 def on_model(model, run):
     cfg: Config = run.plugin_config(NAME)
     _supported(model, run)
+    _check_sweeps(run, cfg)
     default = cfg.widths[0]
     for name, m in list(model.named_modules()):
         if type(m) is nn.Conv2d:
