@@ -56,9 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--all", action="store_true", help="every key, per-severity corruption keys included")
 
+    from .launch import main_args
+
+    main_args(sub.add_parser("launch", help="a grid of runs (points x seeds) through submitit: local or Slurm"))
+
     c = sub.add_parser("compare", help="print runs side by side")
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR[:NAME]",
-                   help="a run directory; RUN_DIR:NAME shows the metrics stored by `normlab eval RUN_DIR --as NAME`")
+                   help="a run directory, a seed group or a launch group (its points); RUN_DIR:NAME shows the "
+                        "metrics stored by `normlab eval RUN_DIR --as NAME`")
     c.add_argument("--keys", help="comma list of metric keys (default: the headline metrics present)")
     c.add_argument("--cost", action="store_true", help="also show each run's cost: training images per second, "
                                                         "FLOPs of a training step, evaluators' seconds per image")
@@ -376,8 +381,10 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bo
 
 
 def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None, cost: bool = False) -> int:
+    from .launch import expand
+
     entries = []
-    for d in run_dirs:
+    for d in [p for d in run_dirs for p in (expand(d) or [d])]:  # a launch group: its points
         e = _Entry(d)
         while e.name in [x.name for x in entries]:
             e.name += "'"
@@ -510,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             return _show(args.run_dir, args.all)
         if args.command == "compare":
             return _compare(args.run_dirs, args.keys, args.plot, args.cost)
+        if args.command == "launch":
+            from .launch import from_args
+
+            return from_args(args)
         if args.command == "run":
             precheck(args.file, args.overrides)  # before torch is imported: bad input is refused in well under 1 s
             if args.nproc < 1:

@@ -1,0 +1,54 @@
+"""``normlab launch``: a grid of runs through submitit's local executor, relaunch skips what is finished."""
+
+import json
+
+import pytest
+
+from normlab.cli import main
+
+TINY = {"seed": 0, "model": {"name": "resnet18"}, "data": {"batch_size": 32, "n_train": 32, "image_size": 16},
+        "train": {"epochs": 1, "lr": 0.05, "val_examples": 16}, "evaluate": {"clean": {"n_examples": 32}}}
+
+
+@pytest.mark.slow
+def test_a_two_by_two_grid_runs_through_submitit_and_a_relaunch_skips_the_finished_points(tmp_path, write_yaml,
+                                                                                            capsys):
+    path = write_yaml(TINY)
+    group = tmp_path / "group"
+    args = ["launch", str(path), "--grid", "train.lr=0.05,0.1", "--grid", "data.image_size=16,24", "--seeds", "0",
+            "--out", str(group), "--parallel", "2"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "4 points x 1 seeds; 0 finished runs skipped, 4 to run (local executor)" in err
+    record = json.loads((group / "launch.json").read_text())
+    assert record["status"] == "done" and len(record["points"]) == 4
+    points = sorted(p.name for p in group.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert points == ["train.lr=0.05,data.image_size=16", "train.lr=0.05,data.image_size=24",
+                      "train.lr=0.1,data.image_size=16", "train.lr=0.1,data.image_size=24"]
+    for p in points:  # each point is a seed group with its run; the run has the point's settings
+        summary = json.loads((group / p / "group.json").read_text())
+        run = json.loads((group / p / "seed-0" / "results.json").read_text())
+        assert summary["metrics"]["clean/acc"]["values"] == [run["metrics"]["clean/acc"]]
+        lr, size = (v.split("=")[1] for v in p.split(","))
+        resolved = (group / p / "seed-0" / "run.yaml").read_text()
+        assert f"lr: {lr}" in resolved and f"image_size: {size}" in resolved
+    stamps = {p: (group / p / "seed-0" / "results.json").stat().st_mtime_ns for p in points}
+    assert main(args) == 0
+    assert "4 finished runs skipped, 0 to run" in capsys.readouterr().err
+    assert stamps == {p: (group / p / "seed-0" / "results.json").stat().st_mtime_ns for p in points}
+    assert main(["compare", str(group)]) == 0
+    table = capsys.readouterr().out
+    assert all(p in table for p in points) and "clean/acc" in table
+
+
+def test_a_bad_grid_value_is_refused_before_anything_is_submitted(tmp_path, write_yaml, capsys):
+    path = write_yaml(TINY)
+    group = tmp_path / "group"
+    code = main(["launch", str(path), "--grid", "train.lr=0.05,fast", "--seeds", "0", "--out", str(group)])
+    assert code == 2
+    assert "train.lr: Input should be a valid number" in capsys.readouterr().err
+    assert not group.exists()
+    assert main(["launch", str(path), "--grid", "train.lr", "--out", str(group)]) == 2
+    assert "--grid train.lr: expected KEY=V1,V2" in capsys.readouterr().err
+    assert main(["launch", str(path), "--grid", "seed=1,2", "--out", str(group)]) == 2
+    assert "use --seeds for seeds" in capsys.readouterr().err
