@@ -102,7 +102,6 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
            executor: str = "local", parallel: int = 1, slurm: dict | None = None, wait: bool = True,
            log=print) -> dict:
     """Run every (point, seed) not finished yet; write each point's group.json and GROUP/launch.json."""
-    from .config import load_run_file
     from .group import GROUP_YAML, seed_dir, summarize
     from .runner import _load_config, prepare
 
