@@ -218,11 +218,39 @@ def _flop_counter():
 LOG_EVERY = 20  # steps between progress-bar updates, the loop's only device-to-host reads within an epoch
 
 
-def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int) -> tuple[dict, torch.Tensor]:
+class Finite:
+    """The finiteness of every step's loss terms, kept on the device and read every ``LOG_EVERY`` steps
+    (:meth:`check`), so the loop does not wait for the device at each step. A non-finite loss is still
+    reported with the first step, pass and terms where it occurred; no checkpoint is written in between."""
+
+    def __init__(self):
+        self.pending: list[tuple[str, list[str], torch.Tensor]] = []
+
+    def add(self, where: str, values: dict) -> None:
+        self.pending.append((where, list(values), torch.stack([torch.isfinite(v) for v in values.values()])))
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        flags = torch.cat([f for _, _, f in self.pending]).cpu()
+        if bool(flags.all()):
+            self.pending.clear()
+            return
+        offset = 0
+        for where, names, f in self.pending:
+            ok = flags[offset: offset + len(names)]
+            offset += len(names)
+            if not bool(ok.all()):
+                self.pending.clear()
+                raise RunFailure(f"non-finite loss at {where}; terms {[n for n, g in zip(names, ok) if not g]} "
+                                 f"are not finite")
+
+
+def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int, finite: Finite) -> tuple[dict, torch.Tensor]:
     """One forward, the ``ce`` term and every plugin's ``on_loss`` under ``ctx``: (each term's value, the loss).
 
-    Sets ``batch.logits``. Raises :class:`RunFailure` on a non-finite loss. A step with ``ctx.passes``
-    runs this (and a backward) once per pass, with the pass's fields set on ``ctx``.
+    Sets ``batch.logits``; records the terms' finiteness in ``finite``. A step with ``ctx.passes`` runs
+    this (and a backward) once per pass, with the pass's fields set on ``ctx``.
     """
     cfg, hooks = run.config.train, run.hooks
     with ctx.active(), autocast(run.device, cfg.amp):
@@ -233,11 +261,8 @@ def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int) -> tup
         hooks.call("on_loss", batch=batch, model=run.model, ctx=ctx, terms=terms)
         values = terms.values()
         loss = torch.stack(list(values.values())).sum()
-    if not torch.isfinite(loss):
-        bad = [n for n, v in values.items() if not torch.isfinite(v)]
-        where = "" if ctx.passes is None else f", pass {dict((k, getattr(ctx, k)) for k in ctx.passes[0])}"
-        raise RunFailure(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step "
-                         f"{global_step + 1}{where}); terms {bad} are not finite")
+    where = "" if ctx.passes is None else f", pass {dict((k, getattr(ctx, k)) for k in ctx.passes[0])}"
+    finite.add(f"epoch {epoch + 1}, step {i + 1} (global step {global_step + 1}{where})", values)
     return values, loss
 
 
@@ -272,6 +297,7 @@ def train(run, resume: bool = False) -> list[dict]:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         correct = seen = 0
+        finite = Finite()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=run.quiet or not main)
         for i, items in enumerate(bar):
             batch = as_batch(run, items)
@@ -283,7 +309,7 @@ def train(run, resume: bool = False) -> list[dict]:
                 first = None
                 for overrides in ctx.passes or [None]:  # slimmable training: one pass per width
                     values, loss = _pass(run, batch, ctx if overrides is None else dataclasses.replace(
-                        ctx, **overrides), epoch, i, global_step)
+                        ctx, **overrides), epoch, i, global_step, finite)
                     (loss / cfg.accumulate).backward()
                     if first is None:
                         first = batch.logits.detach()
@@ -301,8 +327,10 @@ def train(run, resume: bool = False) -> list[dict]:
             n_clean = batch.extra.get("n_clean", batch.y.numel())  # rows before any added views
             correct = correct + (first[:n_clean].argmax(1) == batch.y[:n_clean]).sum()  # the first pass's
             seen += n_clean
-            if i % LOG_EVERY == 0:  # the only read of a device value inside the epoch
+            if i % LOG_EVERY == 0:  # the only reads of device values inside the epoch
+                finite.check()
                 bar.set_postfix(loss=f"{float(sums['loss']) / (i + 1):.3f}")
+        finite.check()
         if world > 1:  # the epoch's numbers over the global batches
             sums, correct, seen = distributed.mean_over_ranks(sums), distributed.sum_over_ranks(correct), seen * world
         sums = {n: float(v) for n, v in sums.items()}
