@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR[:NAME]",
                    help="a run directory, a seed group or a launch group (its points); RUN_DIR:NAME shows the "
                         "metrics stored by `normlab eval RUN_DIR --as NAME`")
-    c.add_argument("--keys", help="comma list of metric keys (default: the headline metrics present)")
+    c.add_argument("--keys", help="comma list of metric keys, or semicolon list where keys hold commas (a grid "
+                                  "sweep's); default: the headline metrics present")
     c.add_argument("--cost", action="store_true", help="also show each run's cost: training images per second, "
                                                         "FLOPs of a training step, evaluators' seconds per image")
     c.add_argument("--plot", metavar="PNG", help="also write the standard-accuracy / robust-accuracy plane: "
@@ -389,7 +390,8 @@ def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None, cos
         while e.name in [x.name for x in entries]:
             e.name += "'"
         entries.append(e)
-    print(compare_table(entries, [k.strip() for k in keys.split(",") if k.strip()] if keys else None, cost))
+    sep = ";" if keys and ";" in keys else ","  # grid sweeps' keys hold commas (sweep/lam=0,width=1.0/...)
+    print(compare_table(entries, [k.strip() for k in keys.split(sep) if k.strip()] if keys else None, cost))
     if plot:
         from .plots import sara_plot
 
