@@ -82,7 +82,7 @@ class Side:
 
     def step(self) -> None:
         from normlab.context import Context
-        from normlab.train import Finite, _pass
+        from normlab.train import _pass
 
         import dataclasses
 

@@ -119,7 +119,27 @@ class RankState:
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        state = {k: repr(v) for k, v in sorted(ctx.run.state.items()) if k != "rank_state"}
+        state = {k: _describe(v) for k, v in sorted(ctx.run.state.items())}
         path = os.path.join(out, f"rank-{os.environ.get('RANK', '0')}.json")
         with open(path, "w") as f:
             json.dump({"model": h.hexdigest(), "run_state": state, "shard": list(ctx.run.shard)}, f)
+
+
+def _describe(v, depth=0):
+    """A rank-independent description of plugin state: values, tensors by content, objects by their fields."""
+    import hashlib
+
+    if depth > 4:
+        return type(v).__name__
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, torch.Tensor):
+        return hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    if isinstance(v, dict):
+        return {str(k): _describe(x, depth + 1) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(v, (list, tuple, set)):
+        return [_describe(x, depth + 1) for x in (sorted(v, key=str) if isinstance(v, set) else v)]
+    if isinstance(v, torch.nn.Module):
+        return {"module": type(v).__name__, "state": _describe(dict(v.state_dict()), depth + 1)}
+    fields = {k: x for k, x in vars(v).items() if not k.startswith("_")} if hasattr(v, "__dict__") else {}
+    return {"object": type(v).__name__, **_describe(fields, depth + 1)}

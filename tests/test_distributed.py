@@ -21,6 +21,7 @@ BASE = {"seed": 0, "model": {"name": "resnet18"}, "data": {"batch_size": 32, "n_
         "train": {"epochs": 1, "lr": 0.05, "val_examples": 64, "warmup_epochs": 0, "sync_bn": True},
         "evaluate": {"clean": {"n_examples": 64}}}
 OAT = {**BASE, "plugins": {"condition": {}, "pgd": {"eps": 0.3, "step_size": 0.1, "steps": 2, "random_start": False}}}
+ADVBN = {**BASE, "plugins": {"advbn": {"steps": 2}}}  # its per-batch feature mean is each process's own rows
 
 
 def test_the_ranks_blocks_make_up_the_one_process_batches():
@@ -91,21 +92,24 @@ def max_difference(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [BASE, OAT], ids=["plain", "oat"])
+@pytest.mark.parametrize("config", [BASE, OAT, ADVBN], ids=["plain", "oat", "advbn"])
 def test_two_processes_with_sync_bn_train_the_weights_of_one_process(tmp_path, config):
     cfg = {**copy.deepcopy(config), "plugins": {**config.get("plugins", {}), "rankstate": {}}}
     states = tmp_path / "states"
     states.mkdir()
     proc = torchrun(tmp_path, cfg, tmp_path / "two", NORMLAB_TEST_STATE_DIR=str(states))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((states / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["model"] == ranks[1]["model"]  # weights, BN statistics and the OAT matrix, bit for bit
+    assert ranks[0]["run_state"] == ranks[1]["run_state"] and [r["shard"] for r in ranks] == [[0, 2], [1, 2]]
+    if config is ADVBN:  # the same split and routes on both ranks; AdvBN's f_adv uses each rank's own mean
+        assert "advbn" in ranks[0]["run_state"]
+        return
     one = normlab.run(cfg, out=tmp_path / "one", plugins={"rankstate": RankState()}, quiet=True)
     diff = max_difference(weights(tmp_path / "one", 1), weights(tmp_path / "two", 1))
     # 2 steps: float rounding only (measured: plain 2e-6; OAT 9e-5, its clean BNs see 6 rows, at 1x1 in layer4,
     # statistics of few values whose rounding the next step amplifies; 3e-5 without the attack)
     assert diff < 2e-4, diff
-    ranks = [json.loads((states / f"rank-{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["model"] == ranks[1]["model"]  # weights, BN statistics and the OAT matrix, bit for bit
-    assert ranks[0]["run_state"] == ranks[1]["run_state"] and [r["shard"] for r in ranks] == [[0, 2], [1, 2]]
     two = json.loads((tmp_path / "two" / "results.json").read_text())["metrics"]
     assert abs(two["clean/acc"] - one.metrics["clean/acc"]) <= 1 / 64
     if config is BASE:  # without sync_bn each process normalises with its own 16 rows: measurably different
