@@ -433,6 +433,9 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
     :class:`RunFailure` for failures while running.
     """
     cfg, source = _load_config(config, overrides)
+    if cfg.seeds is not None and distributed.launched():
+        raise UsageError(f"{source}: seeds: a distributed launch runs one seed; launch one per seed, or use "
+                         f"`normlab launch FILE --seeds ...` (each seed a job)")
     if cfg.seeds is not None:
         return _run_seeds(config, cfg, source, out, overrides, resume, plugins, quiet)
     r = prepare(cfg, source, plugins, quiet)
