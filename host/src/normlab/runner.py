@@ -691,6 +691,9 @@ def evaluate(run_dir: str | Path, *, overrides: Sequence[str] = (), plugins: Map
     """
     if name is not None and (not name or "/" in name):
         raise UsageError(f"--as {name!r}: expected a name without '/'")
+    if distributed.launched():
+        raise UsageError(f"{run_dir}: normlab eval runs in one process (a distributed run evaluates on rank 0 "
+                         f"alone); run it without torchrun")
     r = _from_run_dir(run_dir, overrides, plugins, quiet)
     read_results(r.dir, required=False)  # a corrupt results.json is refused before the evaluation, not after
     with _locked(r.dir, "eval"), _logged(r.dir):
