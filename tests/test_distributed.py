@@ -148,6 +148,15 @@ def test_normlab_run_nproc_is_torchrun_and_refuses_a_batch_that_does_not_split(t
     proc = subprocess.run([sys.executable, "-m", "normlab.cli", "run", str(path), "--nproc", "4", "--out",
                            str(tmp_path / "o"), "--quiet"], env=subprocess_env(), capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # refused before any process starts
     assert "data.batch_size: expected a multiple of the 4 processes" in proc.stderr
     assert not (tmp_path / "o").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "normlab.cli", "run", str(path), "--nproc", "2", "--set",
+                           "data.batch_size=32", "--out", str(tmp_path / "full")], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "the directory exists and is not empty" in proc.stderr
+    proc = torchrun(tmp_path, {**BASE, "data": {**BASE["data"], "batch_size": 33, "n_train": 66}}, tmp_path / "t4",
+                    nproc=2)  # the same check inside a torchrun launch: every rank refuses, torchrun exits 1
+    assert proc.returncode == 1 and "data.batch_size: expected a multiple of the 2 processes" in proc.stderr

@@ -481,6 +481,22 @@ def _rank() -> str:
     return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
 
 
+def _check_launch(args) -> None:
+    """What ``--nproc N`` can refuse before starting N processes (exit 2 here, not 1 from torchrun)."""
+    from .runner import _load_config, _new_run_dir
+
+    cfg, source = _load_config(args.file, args.overrides)
+    if cfg.data.batch_size % args.nproc:
+        raise UsageError(f"{source}: data.batch_size: expected a multiple of the {args.nproc} processes (each takes "
+                         f"batch_size / {args.nproc} rows of every global batch), got {cfg.data.batch_size}")
+    if cfg.seeds is not None:
+        raise UsageError(f"{source}: seeds: a distributed launch runs one seed; launch one per seed, or use "
+                         f"`normlab launch FILE --seeds ...` (each seed a job)")
+    if args.out is None:
+        raise UsageError("--nproc: needs --out DIR (every process must name the same run directory)")
+    _new_run_dir(args.out, source, args.resume)
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """``normlab run --nproc N ...`` as ``torchrun --standalone --nproc_per_node N -m normlab.cli run ...``: its
     exit status (1 when any process failed; torchrun names the rank)."""
@@ -528,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc < 1:
                 raise UsageError(f"--nproc: expected at least 1 process, got {args.nproc}")
             if args.nproc > 1 and "RANK" not in os.environ:
+                _check_launch(args)
                 return _torchrun(args.nproc, argv if argv is not None else sys.argv[1:])
         from . import runner
 
