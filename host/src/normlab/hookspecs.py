@@ -107,7 +107,10 @@ def on_batch(batch, ctx):
         ``y`` (N,), and ``extra`` (dict: the third element of the loader's items when
         a plugin wrapped the training dataset, e.g. AugMix views).
     :param ctx: the step's :class:`~normlab.context.Context`; plugins may set its
-        per-sample fields here (``ctx.lam``, ``ctx.route``) for the forward.
+        per-sample fields here (``ctx.lam``, ``ctx.route``) for the forward, and
+        ``ctx.passes`` (a list of field overrides, slim's ``[{"width": 1.0}, ...]``):
+        the host then runs the forward, every ``on_loss`` and the backward once per
+        pass before one optimizer step.
     :return: a replacement batch, or None to keep ``batch`` (possibly changed in place).
 
     Chained in run-file order. Called on the training thread, so expensive
@@ -124,7 +127,8 @@ def on_loss(batch, model, ctx, terms):
 
     :param batch: the batch as forwarded; ``batch.logits`` holds the host's output.
     :param model: the full model (input normalisation included), in train mode.
-    :param ctx: the step's :class:`~normlab.context.Context`.
+    :param ctx: the step's :class:`~normlab.context.Context` (with a pass's fields set, ``ctx.width``,
+        when ``on_batch`` set ``ctx.passes``: then called once per pass, with a fresh ``terms``).
     :param terms: a :class:`~normlab.train.LossTerms` that already holds ``ce``
         (per-sample cross-entropy of ``batch.logits``). Use ``terms.add(name,
         per_sample_loss, weight)`` and ``terms.reweight(name, weight)``; weights
