@@ -183,7 +183,6 @@ def on_model(model, run):
     fc = model.get_classifier()
     if type(fc) is nn.Linear:
         replace_module(model, "fc", SlimLinear.of(fc))
-    run.state[NAME] = {"widths": list(cfg.widths)}
     return None
 
 
