@@ -162,10 +162,14 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
         all_reduce = _Sum.apply
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
-        count = torch.tensor([float(x.numel() // max(x.shape[1], 1))], dtype=x.dtype)
-        total = all_reduce(torch.cat([x.sum(dims), count]))
-        n = total[-1]
-        mean = total[:-1] / n
+        layer = float(getattr(self, "layer_id", 0))  # the same on every rank: a mismatch shows in the sum
+        extra = torch.tensor([float(x.numel() // max(x.shape[1], 1)), layer], dtype=x.dtype)
+        total = all_reduce(torch.cat([x.sum(dims), extra]))
+        if float(total[-1]) != layer * world():
+            raise RuntimeError(f"train.sync_bn: the processes normalised different BN layers at once (this one is "
+                               f"synchronised layer {int(layer)}): some code path ran a BN on one process only")
+        n = total[-2]
+        mean = total[:-2] / n
         centred = x - mean.view(1, -1, *[1] * (x.dim() - 2))
         var = all_reduce((centred * centred).sum(dims)) / n
         if self.track_running_stats:
@@ -218,6 +222,8 @@ def sync_batch_norms(model: nn.Module) -> int:
                 where = f"{name}.{child_name}" if name else child_name
                 raise ValueError(f"train.sync_bn: cannot synchronise {where} ({type(child).__name__}); "
                                  f"expected BatchNorm2d or timm's BatchNormAct2d")
-            setattr(module, child_name, _synced(child))
             n += 1
+            synced = _synced(child)
+            synced.layer_id = n  # module order, the same on every rank
+            setattr(module, child_name, synced)
     return n

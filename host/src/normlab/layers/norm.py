@@ -114,6 +114,11 @@ class RoutedNorm(nn.Module):
             return self._per_sample(x[sel.perm], sel)[sel.inverse]
         return self._per_sample(x, sel)
 
+    @property
+    def collective(self) -> bool:
+        """Whether a route holds a synchronised BN (normlab.distributed), nested routes included."""
+        return any(getattr(r, "collective", False) for r in self.routes)
+
     def _per_sample(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # a route with no rows is skipped, except a synchronised BN in training (normlab.distributed): every
         # process must join its all-reduces, whether or not it has rows for that route
