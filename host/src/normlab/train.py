@@ -332,7 +332,8 @@ def train(run, resume: bool = False) -> list[dict]:
                 bar.set_postfix(loss=f"{float(sums['loss']) / (i + 1):.3f}")
         finite.check()
         if world > 1:  # the epoch's numbers over the global batches
-            sums, correct, seen = distributed.mean_over_ranks(sums), distributed.sum_over_ranks(correct), seen * world
+            sums = distributed.mean_over_ranks(sums) if sums else sums
+            correct, seen = distributed.sum_over_ranks(correct), seen * world
         sums = {n: float(v) for n, v in sums.items()}
         correct = int(correct)
         busy += time.perf_counter() - t0
