@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layers import copy_bn
+
 __all__ = ["launched", "init", "close", "rank", "world", "is_main", "all_reduce_gradients", "SyncBatchNorm2d",
            "sync_batch_norms", "from_main", "mean_over_ranks", "sum_over_ranks"]
 
@@ -102,7 +104,9 @@ def all_reduce_gradients(params: list[nn.Parameter]) -> None:
         offset = 0
         for p, g in zip(group, grads):
             k = g.numel()
-            p.grad = flat[offset: offset + k].view_as(p).clone()
+            if p.grad is None:
+                p.grad = g
+            p.grad.copy_(flat[offset: offset + k].view_as(p))  # in place: the gradient keeps its layout
             offset += k
 
 
@@ -113,9 +117,8 @@ def _comm_device() -> torch.device:
 
 def mean_over_ranks(values: dict) -> dict:
     """Each (scalar) value averaged over the ranks, in one all-reduce."""
-    keys = list(values)
-    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).reshape(()).cpu() for k in keys])
-    flat = flat.to(_comm_device())
+    keys, device = list(values), _comm_device()
+    flat = torch.stack([torch.as_tensor(values[k], device=device).reshape(()).to(torch.float64) for k in keys])
     dist.all_reduce(flat)
     return dict(zip(keys, (flat / world()).tolist()))
 
@@ -194,19 +197,10 @@ class SyncBatchNormAct2d(SyncBatchNorm2d):
 
 def _synced(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     act = type(bn).__name__ == "BatchNormAct2d"
-    cls = SyncBatchNormAct2d if act else SyncBatchNorm2d
-    new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-              track_running_stats=bn.track_running_stats)
+    new = copy_bn(bn, SyncBatchNormAct2d if act else SyncBatchNorm2d)
     if act:
         new.drop, new.act = bn.drop, bn.act
-    ref = bn.weight if bn.affine else bn.running_mean
-    if ref is not None:
-        new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(bn.state_dict(), strict=False)
-    if bn.affine:
-        new.weight.requires_grad_(bn.weight.requires_grad)
-        new.bias.requires_grad_(bn.bias.requires_grad)
-    return new.train(bn.training)
+    return new
 
 
 def sync_batch_norms(model: nn.Module) -> int:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..context import Routing, current
 
-__all__ = ["NormAct", "RoutedNorm", "as_norm_act", "iter_norms", "replace_module", "batch_norms", "eval_bn",
+__all__ = ["NormAct", "RoutedNorm", "as_norm_act", "copy_bn", "iter_norms", "replace_module", "batch_norms", "eval_bn",
            "bn_affine"]
 
 
@@ -37,14 +37,23 @@ class NormAct(nn.Module):
         return self.act(self.drop(x))
 
 
-def _plain_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """A plain ``nn.BatchNorm2d`` with ``bn``'s settings, tensors (device, dtype) and frozen flags."""
-    out = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats)
-    ref = next(iter(bn.state_dict().values()), None)
+def copy_bn(bn: nn.modules.batchnorm._BatchNorm, cls: type = nn.BatchNorm2d,
+            channels: int | None = None) -> nn.modules.batchnorm._BatchNorm:
+    """A new ``cls`` BN (a plain ``nn.BatchNorm2d`` by default) with ``bn``'s settings, device and dtype, its
+    parameters, statistics and frozen flags, and its mode; with ``channels``, those of its first channels
+    only (a slimmable width). A fused activation or drop of ``bn`` (timm's ``BatchNormAct2d``) is not copied."""
+    c = bn.num_features if channels is None else channels
+    out = cls(c, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats)
+    ref = bn.weight if bn.affine else bn.running_mean
     if ref is not None:
-        out.to(device=ref.device, dtype=bn.weight.dtype if bn.affine else ref.dtype)
-    out.load_state_dict({k: v for k, v in bn.state_dict().items() if "." not in k})
+        out.to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, name)
+            if src is not None:
+                getattr(out, name).copy_(src[:c])
+        if bn.num_batches_tracked is not None:
+            out.num_batches_tracked.copy_(bn.num_batches_tracked)
     for name, p in out.named_parameters(recurse=False):
         p.requires_grad_(getattr(bn, name).requires_grad)
     return out.train(bn.training)
@@ -64,7 +73,7 @@ def as_norm_act(module: nn.Module) -> NormAct:
         act = getattr(module, "act", None)
         if drop is None and act is None:
             return NormAct(module).train(module.training)
-        return NormAct(_plain_bn(module), drop=drop, act=act).train(module.training)
+        return NormAct(copy_bn(module), drop=drop, act=act).train(module.training)
     raise TypeError(f"as_norm_act: expected a BatchNorm2d or NormAct, got {type(module).__name__}")
 
 
@@ -120,11 +129,13 @@ class RoutedNorm(nn.Module):
         return any(getattr(r, "collective", False) for r in self.routes)
 
     def _per_sample(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        # a route with no rows is skipped, except a synchronised BN in training (normlab.distributed): every
-        # process must join its all-reduces, whether or not it has rows for that route
-        outs = [route(chunk) for route, chunk in ((self.routes[self.index(n)], c)
-                                                  for n, c in zip(routing.names, x.split(routing.counts)))
-                if chunk.shape[0] or (route.training and getattr(route, "collective", False))]
+        outs = []
+        for name, chunk in zip(routing.names, x.split(routing.counts)):
+            route = self.routes[self.index(name)]
+            # a route with no rows is skipped, except a synchronised BN in training (normlab.distributed):
+            # every process must join its all-reduces, whether or not it has rows for that route
+            if chunk.shape[0] or (route.training and getattr(route, "collective", False)):
+                outs.append(route(chunk))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def extra_repr(self) -> str:

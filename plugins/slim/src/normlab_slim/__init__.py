@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from normlab import hookimpl
 from normlab.context import Context, current
 from normlab.errors import UsageError
-from normlab.layers import RoutedNorm, as_norm_act, replace_module
+from normlab.layers import RoutedNorm, as_norm_act, copy_bn, replace_module
 from torch import nn
 
 from .settings import Config
@@ -107,25 +107,6 @@ class SlimLinear(nn.Linear):
         return F.linear(x, self.weight[:, : x.shape[-1]], self.bias)
 
 
-def sliced_bn(bn: nn.BatchNorm2d, c: int) -> nn.BatchNorm2d:
-    """A plain BN over the first ``c`` channels of ``bn``: its settings, parameters, statistics and flags."""
-    out = nn.BatchNorm2d(c, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats)
-    ref = bn.weight if bn.affine else bn.running_mean
-    if ref is not None:
-        out.to(device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            src = getattr(bn, name)
-            if src is not None:
-                getattr(out, name).copy_(src[:c])
-        if bn.num_batches_tracked is not None:
-            out.num_batches_tracked.copy_(bn.num_batches_tracked)
-    for name, p in out.named_parameters(recurse=False):
-        p.requires_grad_(getattr(bn, name).requires_grad)
-    return out.train(bn.training)
-
-
 def switchable(module: nn.Module, widths: list[float]) -> nn.Module:
     """``module`` with every BN leaf replaced by a switchable BN over ``widths`` (largest first), in place
     where the leaf sits inside another module (a route of the condition plugin's dual BN)."""
@@ -133,7 +114,7 @@ def switchable(module: nn.Module, widths: list[float]) -> nn.Module:
         return module
     if isinstance(module, nn.BatchNorm2d):
         c = module.num_features
-        return RoutedNorm([sliced_bn(module, channels(c, w)) for w in widths], [str(w) for w in widths],
+        return RoutedNorm([copy_bn(module, channels=channels(c, w)) for w in widths], [str(w) for w in widths],
                           key="width")
     for name, child in list(module.named_children()):
         new = switchable(child, widths)
