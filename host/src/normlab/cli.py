@@ -483,15 +483,10 @@ def _rank() -> str:
 
 def _check_launch(args) -> None:
     """What ``--nproc N`` can refuse before starting N processes (exit 2 here, not 1 from torchrun)."""
-    from .runner import _load_config, _new_run_dir
+    from .runner import _load_config, _new_run_dir, check_processes
 
     cfg, source = _load_config(args.file, args.overrides)
-    if cfg.data.batch_size % args.nproc:
-        raise UsageError(f"{source}: data.batch_size: expected a multiple of the {args.nproc} processes (each takes "
-                         f"batch_size / {args.nproc} rows of every global batch), got {cfg.data.batch_size}")
-    if cfg.seeds is not None:
-        raise UsageError(f"{source}: seeds: a distributed launch runs one seed; launch one per seed, or use "
-                         f"`normlab launch FILE --seeds ...` (each seed a job)")
+    check_processes(cfg, source, args.nproc)
     if args.out is None:
         raise UsageError("--nproc: needs --out DIR (every process must name the same run directory)")
     _new_run_dir(args.out, source, args.resume)
@@ -503,7 +498,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     import subprocess
 
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
         elif a == "--nproc":

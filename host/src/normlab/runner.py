@@ -433,9 +433,8 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
     :class:`RunFailure` for failures while running.
     """
     cfg, source = _load_config(config, overrides)
-    if cfg.seeds is not None and distributed.launched():
-        raise UsageError(f"{source}: seeds: a distributed launch runs one seed; launch one per seed, or use "
-                         f"`normlab launch FILE --seeds ...` (each seed a job)")
+    if distributed.launched():
+        check_processes(cfg, source, int(os.environ["WORLD_SIZE"]))
     if cfg.seeds is not None:
         return _run_seeds(config, cfg, source, out, overrides, resume, plugins, quiet)
     r = prepare(cfg, source, plugins, quiet)
@@ -445,6 +444,11 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
     r.build()
     if resume:
         _check_resume(r, run_dir)
+    return _start(r, run_dir, resume)
+
+
+def _start(r: Run, run_dir: Path, resume: bool) -> RunResult:
+    """Write the run directory (run.yaml first, under its lock, with log.txt) and train and evaluate into it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     r.dir = run_dir
     with _locked(run_dir, "--out"):
@@ -452,58 +456,58 @@ def run(config: str | Path | Mapping | RunConfig, *, out: str | Path | None = No
             write_text_atomic(run_dir / "run.yaml",
                               yaml.safe_dump({**r.resolved(), "versions": r.versions()}, sort_keys=False))
         with _logged(run_dir):
+            if distributed.world() > 1:
+                log.info("distributed: %d processes (%s), global batch %d, %d per rank", distributed.world(),
+                         "nccl" if r.device.type == "cuda" else "gloo", r.config.data.batch_size,
+                         r.config.data.batch_size // distributed.world())
             return _train_and_evaluate(r, resume)
+
+
+def check_processes(cfg: RunConfig, source: str, processes: int) -> None:
+    """What one run on ``processes`` processes refuses: several seeds, a global batch that does not split."""
+    if cfg.seeds is not None:
+        raise UsageError(f"{source}: seeds: a distributed launch runs one seed; launch one per seed, or use "
+                         f"`normlab launch FILE --seeds ...` (each seed a job)")
+    if cfg.data.batch_size % processes:
+        raise UsageError(f"{source}: data.batch_size: expected a multiple of the {processes} processes (each takes "
+                         f"batch_size / {processes} rows of every global batch), got {cfg.data.batch_size}")
+
+
+def _on_main(check):
+    """``check()`` on rank 0 alone, its result on every rank; a UsageError it raises stops every rank alike."""
+    out = None
+    if distributed.rank() == 0:
+        try:
+            out = check()
+        except UsageError as e:
+            out = e
+    out = distributed.from_main(out)
+    if isinstance(out, UsageError):
+        raise out
+    return out
 
 
 def _run_distributed(r: Run, out, source: str, resume: bool) -> RunResult:
     """One rank of a torchrun launch (normlab.distributed): every rank builds and trains; rank 0 checks and
     writes the run directory and, after training, evaluates alone."""
     r.device = distributed.init(r.device)
-    world, rank = distributed.world(), distributed.rank()
+    rank = distributed.rank()
     if rank:
         r.quiet = True
         log.setLevel(logging.WARNING)
-    if r.config.data.batch_size % world:
-        raise UsageError(f"{source}: data.batch_size: expected a multiple of the {world} processes (each takes "
-                         f"batch_size / {world} rows of every global batch), got {r.config.data.batch_size}")
-    checked = None
-    if rank == 0:
-        try:
-            checked = str(_new_run_dir(out, source, resume))
-        except UsageError as e:
-            checked = e
-    checked = distributed.from_main(checked)
-    if isinstance(checked, UsageError):
-        raise checked
-    run_dir = Path(checked)
+    run_dir = Path(_on_main(lambda: str(_new_run_dir(out, source, resume))))
     r.build()
     if r.config.train.sync_bn:
         log.info("train.sync_bn: %d BN layers synchronised over %d processes",
-                 distributed.sync_batch_norms(r.model), world)
-    problem = None
-    if resume and rank == 0:
-        try:
-            _check_resume(r, run_dir)
-        except UsageError as e:
-            problem = e
-    problem = distributed.from_main(problem)
-    if problem is not None:
-        raise problem
+                 distributed.sync_batch_norms(r.model), distributed.world())
+    if resume:
+        _on_main(lambda: _check_resume(r, run_dir))
+    if rank == 0:
+        return _start(r, run_dir, resume)
     r.dir = run_dir
-    if rank:
-        train(r, resume=resume)  # reads checkpoints from the run directory, writes nothing
-        distributed.close()
-        return RunResult(run_dir, {}, r.model, [])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(run_dir, "--out"):
-        if not resume:
-            write_text_atomic(run_dir / "run.yaml",
-                              yaml.safe_dump({**r.resolved(), "versions": r.versions()}, sort_keys=False))
-        with _logged(run_dir):
-            log.info("distributed: %d processes (%s), global batch %d, %d per rank", world,
-                     "nccl" if r.device.type == "cuda" else "gloo", r.config.data.batch_size,
-                     r.config.data.batch_size // world)
-            return _train_and_evaluate(r, resume)
+    train(r, resume=resume)  # reads checkpoints from the run directory, writes nothing
+    distributed.close()
+    return RunResult(run_dir, {}, r.model, [])
 
 
 @dataclasses.dataclass
