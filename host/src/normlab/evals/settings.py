@@ -280,21 +280,17 @@ class SweepConfig(Strict):
             bad = [k for k in self.grid if k not in KNOBS]
             if bad:
                 raise ValueError(f"grid knobs must be among {KNOBS}, got {bad[0]!r}")
-            lam = self.grid.get("lam", [0])
-            if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in lam):
-                raise ValueError("lam values must be numbers in [0, 1]")
-            return self
-        if self.knob is None or self.values is None:
+        elif self.knob is None or self.values is None:
             raise ValueError("expected knob and values (or a grid)")
-        parts = self.knob.split(".")
-        if self.plugin is not None:
+        elif self.plugin is not None:
+            parts = self.knob.split(".")
             if len(parts) not in (2, 3) or not all(parts):
                 raise ValueError(f"a plugin knob is plugins.NAME or plugins.NAME.FIELD, got {self.knob!r}")
             if len(parts) == 2 and not all(isinstance(v, dict) and v for v in self.values):
                 raise ValueError("with knob plugins.NAME each value is a mapping of that plugin's settings")
         elif self.knob not in KNOBS:
             raise ValueError(f"knob must be one of {KNOBS} or plugins.NAME[.FIELD], got {self.knob!r}")
-        if self.knob == "lam" and not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.values):
+        if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.axes.get("lam", [])):
             raise ValueError("lam values must be numbers in [0, 1]")
         return self
 
