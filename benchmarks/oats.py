@@ -9,8 +9,8 @@ full-width OAT step's (the passes free each width's graph before the next).
 Every side is a run built by the real host (:func:`normlab.runner.prepare`, :meth:`Run.build`): timm
 ``resnet18`` (10 classes, 32x32, MNIST mean/std), batch 128 of the embedded train split (one fixed batch,
 reused every step), SGD lr 0.05 momentum 0.9 wd 5e-4, fp32, Linf PGD-5 eps 0.3 step 0.1 with a random
-start (examples/oats.yaml's attack at 5 steps). A step is the host's: ``on_batch``, then
-:func:`normlab.train._pass` and a backward per pass (``ctx.passes``), then the optimizer step, as
+start (examples/oats.yaml's attack at 5 steps). A step is the host's: :func:`normlab.train.step_backward`
+(``on_batch``, then a forward, the terms and a backward per pass), then the optimizer step, as
 ``normlab.train.train`` runs it.
 
 Time: the sides alternate step by step in one process (OATS, then OAT at 1.0, 0.75 and 0.5, the order
@@ -82,19 +82,11 @@ class Side:
 
     def step(self) -> None:
         from normlab.context import Context
-        from normlab.train import _pass
-
-        import dataclasses
+        from normlab.train import step_backward
 
         run = self.run
-        batch = self.as_batch(run, self.items)
-        ctx = Context(run=run, training=True, step=self.step_no)
-        with ctx.active():
-            batch = run.hooks.call("on_batch", batch=batch, ctx=ctx)
-        for overrides in ctx.passes or [None]:
-            _, loss = _pass(run, batch, ctx if overrides is None else dataclasses.replace(ctx, **overrides),
-                            0, self.step_no, self.step_no, self.finite)
-            loss.backward()
+        step_backward(run, self.as_batch(run, self.items), Context(run=run, training=True, step=self.step_no), 0,
+                      self.step_no, self.step_no, self.finite)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.finite.check()

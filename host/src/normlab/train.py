@@ -224,10 +224,16 @@ class Finite:
     reported with the first step, pass and terms where it occurred; no checkpoint is written in between."""
 
     def __init__(self):
-        self.pending: list[tuple[str, list[str], torch.Tensor]] = []
+        self.pending: list[tuple[tuple, list[str], torch.Tensor]] = []
 
-    def add(self, where: str, values: dict) -> None:
+    def add(self, where: tuple, values: dict) -> None:
+        """``where``: (epoch, step in the epoch, global step, the pass's fields or None), all 0-based."""
         self.pending.append((where, list(values), torch.stack([torch.isfinite(v) for v in values.values()])))
+
+    @staticmethod
+    def _where(epoch: int, i: int, global_step: int, fields: dict | None) -> str:
+        return (f"epoch {epoch + 1}, step {i + 1} (global step {global_step + 1}"
+                + ("" if fields is None else f", pass {fields}") + ")")
 
     def check(self) -> None:
         if not self.pending:
@@ -242,8 +248,8 @@ class Finite:
             offset += len(names)
             if not bool(ok.all()):
                 self.pending.clear()
-                raise RunFailure(f"non-finite loss at {where}; terms {[n for n, g in zip(names, ok) if not g]} "
-                                 f"are not finite")
+                raise RunFailure(f"non-finite loss at {self._where(*where)}; terms "
+                                 f"{[n for n, g in zip(names, ok) if not g]} are not finite")
 
 
 def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int, finite: Finite) -> tuple[dict, torch.Tensor]:
@@ -261,9 +267,28 @@ def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int, finite
         hooks.call("on_loss", batch=batch, model=run.model, ctx=ctx, terms=terms)
         values = terms.values()
         loss = torch.stack(list(values.values())).sum()
-    where = "" if ctx.passes is None else f", pass {dict((k, getattr(ctx, k)) for k in ctx.passes[0])}"
-    finite.add(f"epoch {epoch + 1}, step {i + 1} (global step {global_step + 1}{where})", values)
+    fields = None if ctx.passes is None else {k: getattr(ctx, k) for k in ctx.passes[0]}
+    finite.add((epoch, i, global_step, fields), values)
     return values, loss
+
+
+def step_backward(run, batch, ctx: Context, epoch: int, i: int, global_step: int, finite: Finite,
+                  accumulate: int = 1) -> tuple[Batch, torch.Tensor, dict]:
+    """A training step up to the optimizer: ``on_batch``, then for each pass (``ctx.passes``, or one) the
+    forward, the loss terms and the backward. Returns the batch, the first pass's logits and each term's
+    value (and ``loss``) summed over the passes, on the device."""
+    with ctx.active(), autocast(run.device, run.config.train.amp):
+        batch = run.hooks.call("on_batch", batch=batch, ctx=ctx)
+    first, sums = None, {}
+    for overrides in ctx.passes or [None]:  # slimmable training: one pass per width
+        values, loss = _pass(run, batch, ctx if overrides is None else dataclasses.replace(ctx, **overrides),
+                             epoch, i, global_step, finite)
+        (loss / accumulate).backward()
+        if first is None:
+            first = batch.logits.detach()
+        for n, v in [*values.items(), ("loss", loss)]:
+            sums[n] = sums[n] + v.detach() if n in sums else v.detach()
+    return batch, first, sums
 
 
 def train(run, resume: bool = False) -> list[dict]:
@@ -304,18 +329,9 @@ def train(run, resume: bool = False) -> list[dict]:
             ctx = Context(run=run, training=True, epoch=epoch, step=global_step)
             count = _flop_counter() if "train/step_flops" not in run.cost else contextlib.nullcontext()
             with count:
-                with ctx.active(), autocast(run.device, cfg.amp):
-                    batch = hooks.call("on_batch", batch=batch, ctx=ctx)
-                first = None
-                for overrides in ctx.passes or [None]:  # slimmable training: one pass per width
-                    values, loss = _pass(run, batch, ctx if overrides is None else dataclasses.replace(
-                        ctx, **overrides), epoch, i, global_step, finite)
-                    (loss / cfg.accumulate).backward()
-                    if first is None:
-                        first = batch.logits.detach()
-                    for n, v in values.items():
-                        sums[n] = sums.get(n, 0.0) + v.detach()
-                    sums["loss"] = sums.get("loss", 0.0) + loss.detach()
+                batch, first, values = step_backward(run, batch, ctx, epoch, i, global_step, finite, cfg.accumulate)
+            for n, v in values.items():
+                sums[n] = sums.get(n, 0.0) + v
             if isinstance(count, FlopCount):
                 run.cost["train/step_flops"] = float(count.total)
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
