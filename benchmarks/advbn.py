@@ -55,6 +55,7 @@ from normlab.runner import prepare  # noqa: E402
 from normlab.train import LossTerms, autocast, build_optimizer  # noqa: E402
 
 TARGET = 0.8
+REFERENCE_TARGET = 0.85  # issue 18: our step / the public code's without anomaly detection
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (both sides)")
+    p.add_argument("--reference", metavar="DIR", help="a work tree of azshue/AdvBN: also time its own training step "
+                                                      "(with and without its anomaly detection; benchmarks/_reference.py)")
     p.add_argument("-q", action="store_true", help="print only the result line")
     args = p.parse_args(argv)
     if args.threads:
@@ -216,10 +219,21 @@ def main(argv=None) -> int:
               f"{flops['naive'] / 1e9:.1f} G, ratio {flops['advbn'] / flops['naive']:.3f} (the ratio if every "
               f"FLOP cost the same time)")
 
-    times = {"advbn": [], "unfolded": [], "naive": []}
     sides = {"advbn": ours, "unfolded": unfolded, "naive": naive}
+    if args.reference:
+        from _reference import AdvbnReference  # benchmarks/_reference.py, beside this script
+
+        for name, anomaly in (("reference", True), ("reference_no_anomaly", False)):
+            sides[name] = AdvbnReference(args.reference, run.data.num_classes, args.pgd_steps,
+                                         run.config.train.lr, anomaly)
+        ref = sides["reference"]
+        sides["reference_no_anomaly"].model.load_state_dict(ref.model.state_dict())
+        if not args.q:
+            f_ref = step_flops(sides["reference_no_anomaly"], *batches[0])
+            print(f"FLOPs per step: azshue/AdvBN's step {f_ref / 1e9:.1f} G (advbn {flops['advbn'] / 1e9:.1f} G)")
+    times = {name: [] for name in sides}
     for i, (x, y) in enumerate(batches):
-        order = ("advbn", "unfolded", "naive") if i % 2 == 0 else ("naive", "unfolded", "advbn")
+        order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         for name in order:
             sync(run.device)
             t0 = clock()
@@ -228,8 +242,7 @@ def main(argv=None) -> int:
             if i >= args.warmup:
                 times[name].append(clock() - t0)
         if not args.q and i >= args.warmup:
-            print(f"step {i - args.warmup + 1}: advbn {times['advbn'][-1]:.3f} s, unfolded "
-                  f"{times['unfolded'][-1]:.3f} s, naive {times['naive'][-1]:.3f} s")
+            print(f"step {i - args.warmup + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
 
     def ratio(a, b):
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
@@ -239,6 +252,11 @@ def main(argv=None) -> int:
           f"{run.data.image_size}, {args.pgd_steps} PGD steps, {run.device.type}: advbn {ma:.4f} s/step "
           f"(unfolded {mu:.4f}), naive {mn:.4f} s/step, ratio {ratio('advbn', 'naive'):.3f} (unfolded "
           f"{ratio('unfolded', 'naive'):.3f}; folded / unfolded {ratio('advbn', 'unfolded'):.3f}; target <= {TARGET})")
+    if args.reference:
+        print(f"advbn vs azshue/AdvBN's own step: reference {statistics.median(times['reference']):.4f} s/step, "
+              f"without its anomaly detection {statistics.median(times['reference_no_anomaly']):.4f} s/step; ratio "
+              f"{ratio('advbn', 'reference'):.3f}, without anomaly detection {ratio('advbn', 'reference_no_anomaly'):.3f} "
+              f"(target <= {REFERENCE_TARGET}; unfolded {ratio('unfolded', 'reference_no_anomaly'):.3f})")
     return 0
 
 

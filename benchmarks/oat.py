@@ -54,6 +54,7 @@ from normlab.train import train  # noqa: E402
 
 BATCH = 128
 TARGET = 1.15
+REFERENCE_TARGET = 0.80  # issue 18: our OAT step / the public OAT code's
 MAX_STEPS = 4000 // BATCH  # one epoch of the embedded train split (drop_last)
 ATTACK = {"eps": 0.3, "step_size": 0.1, "steps": 5, "norm": "Linf", "random_start": True}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -215,6 +216,68 @@ def diff_ratio(steps: int, repeats: int, device: str, clock, quiet: bool) -> dic
     return per_step
 
 
+def reference(args, clock) -> int:
+    """Our OAT step against the public OAT code's own step (benchmarks/_reference.py), same topology and batch.
+
+    Both sides: the CIFAR ResNet-18 (timm ``resnet18`` with ``model.stem: cifar``; the reference's
+    ``BasicBlockOAT`` stacked 2-2-2-2), dual BN, the OAT code's FiLM (``film_style: oat``, encoding dim 128),
+    lambda choices 0, 0.1, 0.2, 0.3, 0.4, 1 with ceil(N / 6) zeros, PGD-7 at eps 8/255 with the OAT code's step
+    min(1.25 eps, eps + 4/255) / 7 and a random start, attacking the nonzero rows; SGD. The same batch of the
+    embedded MNIST (32x32, 3 channels) on both sides, steps alternating, order flipped each pair.
+    """
+    from _reference import OatReference  # benchmarks/_reference.py, beside this script
+    from normlab.context import Context
+    from normlab.train import Finite, FlopCount, as_batch, build_optimizer, step_backward
+
+    eps, steps = 8 / 255, 7
+    cfg = run_config("oat", 4, args.device)
+    cfg["model"]["stem"] = "cifar"
+    cfg["data"]["batch_size"] = cfg["data"]["n_train"] = args.reference_batch
+    cfg["evaluate"] = {}
+    cfg["plugins"] = {"condition": {"choices": OatReference.CHOICES, "film_style": "oat", "dim": 128},
+                      "pgd": {"eps": eps, "step_size": min(1.25 * eps, eps + 4 / 255) / steps, "steps": steps,
+                              "norm": "Linf", "random_start": True}}
+    run = prepare(parse_run(cfg, "benchmark:oat-reference"), "benchmark:oat-reference", quiet=True)
+    run.build()
+    run.train_mode()
+    opt = build_optimizer(run.trainable_parameters(), run.config.train)
+    items = next(iter(run.data.loader("train", args.reference_batch, seed=0, num_workers=0,
+                                      n=args.reference_batch, drop_last=True)))
+    finite = Finite()
+    theirs = OatReference(args.reference, run.data.num_classes, 128, eps, steps, run.config.train.lr)
+    x, y = items[0].to(run.device), items[1].to(run.device)
+
+    def ours(step_no: int = 0) -> None:
+        step_backward(run, as_batch(run, items), Context(run=run, training=True, step=step_no), 0, step_no,
+                      step_no, finite)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        finite.check()
+        _sync(run.device)
+
+    sides = {"normlab": ours, "reference": lambda i=0: theirs.step(x, y)}
+    flops = {}
+    for name, fn in sides.items():
+        fn()  # the first step checks the fold once (an extra forward): count the second
+        with FlopCount() as counter:  # torch's FlopCounterMode fails on autograd.grad inside (the attacks)
+            fn()
+        flops[name] = counter.total
+    print(f"oat vs the OAT code: CIFAR ResNet-18, batch {args.reference_batch}, PGD-{steps}; FLOPs per step "
+          f"normlab {flops['normlab'] / 1e9:.1f} G, reference {flops['reference'] / 1e9:.1f} G", flush=True)
+    times = {name: [] for name in sides}
+    for i in range(args.steps + 1):
+        for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+            t0 = clock()
+            sides[name](i)
+            if i:  # the first pair warms up
+                times[name].append(clock() - t0)
+    ratio = statistics.median(a / b for a, b in zip(times["normlab"], times["reference"]))
+    print(f"oat: normlab {statistics.median(times['normlab']):.4f} s/step, the OAT code "
+          f"{statistics.median(times['reference']):.4f} s/step, ratio {ratio:.3f} (target <= {REFERENCE_TARGET:.2f}; "
+          f"per FLOP {ratio * flops['reference'] / flops['normlab']:.3f})", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=12, help=f"steps per train() call and side (3 to {MAX_STEPS}; "
@@ -229,6 +292,10 @@ def main(argv=None) -> int:
                          "whole train() calls one after the other, (T(steps) - T(2)) / (steps - 2) per side")
     ap.add_argument("--no-fold", action="store_true", help="pgd's fold: false on both sides (the attacks' BNs "
                                                           "unfolded, as before issue 18)")
+    ap.add_argument("--reference", metavar="DIR", help="a work tree of VITA-Group/Once-for-All-Adversarial-Training: "
+                                                       "time our OAT step against that code's own (see reference())")
+    ap.add_argument("--reference-batch", type=int, default=32, help="the batch of the --reference comparison "
+                                                                    "(default 32: the CIFAR stem costs 16x the FLOPs)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
     args = ap.parse_args(argv)
     if args.no_fold:
@@ -242,6 +309,8 @@ def main(argv=None) -> int:
             ap.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
+    if args.reference:
+        return reference(args, clock)
 
     if args.method == "diff":
         got = diff_ratio(args.steps, args.repeats, args.device, clock, args.quiet)
