@@ -140,3 +140,31 @@ def test_a_whole_timm_model_folds_every_bn_timms_batchnormact2d_included(name, b
             fold = model(x)
     assert n == bns  # efficientnet_b0's are all timm BatchNormAct2d (bn, drop, act in one module)
     torch.testing.assert_close(fold, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+
+
+@pytest.mark.parametrize("setting,expected", [("cuda", False), (True, True), (False, False)])
+def test_the_attacks_memory_format_follows_train_channels_last(monkeypatch, setting, expected):
+    """On CPU the folded attack convolves channels-last only when the run file asks (``train.channels_last:
+    true``): a gain on some processors and a loss on others; ``cuda`` (the default) keeps CPU runs contiguous."""
+    cfg = parse_run({"seed": 0, "model": {"name": "resnet18"}, "data": {"batch_size": 16},
+                     "train": {"device": "cpu", "epochs": 1, "channels_last": setting},
+                     "plugins": {"advbn": {"layer": "layer1"}}, "evaluate": {}}, "test.yaml")
+    run = prepare(cfg, "test.yaml", quiet=True)
+    run.build()
+    assert run.channels_last is expected
+    layouts = []
+    real = advbn.folded_if_exact
+
+    def spy(*args, channels_last=False, **kwargs):
+        layouts.append(channels_last)
+        return real(*args, channels_last=channels_last, **kwargs)
+
+    monkeypatch.setattr(advbn, "folded_if_exact", spy)
+    split = Split(run.model, "layer1")
+    model = run.model.eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = split.front(x)
+    advbn.adversarial_features(model, split, f, torch.arange(8) % 10, advbn.Config(), True,
+                               Context(run=run, training=True))
+    assert layouts == [expected]

@@ -123,7 +123,10 @@ class TrainConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
+    channels_last: bool | Literal["cuda"] = Field(
+        "cuda", description="the channels_last memory format of the model, its inputs and the attacks' folded "
+                            "convolutions: cuda (on CUDA only), true (every device) or false; on CPU it is a "
+                            "gain on some processors and a loss on others (benchmarks/README.md)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     val_examples: int | None = Field(None, ge=1, description="test images scored after each epoch for the val_acc "
                                                              "curve: the first of the split's fixed random order "

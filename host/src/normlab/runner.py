@@ -68,7 +68,8 @@ class Run:
         self.quiet = quiet
         self.log = log
         self.device = _device(config.train.device, source)
-        self.channels_last = self.device.type == "cuda" and config.train.channels_last
+        cl = config.train.channels_last
+        self.channels_last = cl is True or (cl == "cuda" and self.device.type == "cuda")
         self.data: DataBundle | None = None
         self.model: NormlabNet | None = None
         self.dir: Path | None = None

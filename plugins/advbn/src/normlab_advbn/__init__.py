@@ -99,13 +99,14 @@ def adversarial_features(model, split: Split, f: torch.Tensor, y: torch.Tensor, 
     With ``fold`` (the default) the tail's eval-mode BNs are folded into their convolutions for the
     attack's forwards and backwards (:func:`normlab.layers.folded_if_exact`: exact up to float rounding,
     checked against the plain tail on the first batch; the training forwards never fold), and the
-    attack runs channels-last (a layout: the same numbers, convolved faster by oneDNN on CPU).
+    attack's convolutions use the run's memory format (``train.channels_last``; a layout, the same numbers).
     """
     with attack_mode(model), ctx.using(route="aux", perturb=True, inner=True):
         fold = contextlib.nullcontext()
         if cfg.fold:
             fold = folded_if_exact(_state(ctx.run), split.tail_modules(), lambda: split.tail(f[:8].detach().float()),
-                                   lambda msg: ctx.run.log.warning("advbn: %s", msg), channels_last=True)
+                                   lambda msg: ctx.run.log.warning("advbn: %s", msg),
+                                   channels_last=getattr(ctx.run, "channels_last", False))
         with fold:
             mu, d_sigma, d_mu = attack(split.tail, f, y, cfg.steps, cfg.step_size, cfg.eps, clamp)
     return perturb(f.detach().float(), mu, d_sigma, d_mu, clamp)

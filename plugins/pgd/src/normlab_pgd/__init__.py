@@ -97,8 +97,8 @@ def adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx, c
     (the default) every eval-mode BN the attack's route selects is folded into
     its convolution for the attack (:func:`normlab.layers.folded_if_exact`: exact
     up to float rounding, checked once per run; per-sample routes and hooked BNs
-    are left as they are), and the attack runs channels-last (the same numbers in
-    the layout oneDNN convolves fastest).
+    are left as they are), in the run's memory format (``train.channels_last``: on
+    CUDA by default; a layout, the same numbers).
     """
     if cfg.steps == 0 or cfg.eps == 0:
         return x.detach()
@@ -108,7 +108,7 @@ def adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx, c
         if cfg.fold:
             fold = folded_if_exact(getattr(ctx.run, "state", {}).setdefault("pgd", {}), [model],
                                    lambda: model(images), lambda msg: ctx.run.log.warning("pgd: %s", msg),
-                                   channels_last=True)
+                                   channels_last=getattr(ctx.run, "channels_last", False))
         with fold:
             x_adv = make_attack(model, cfg, x.device)(images, y)
     return x_adv.detach().to(x.dtype)
