@@ -1,6 +1,6 @@
 """OAT step time versus plain PGD-AT step time: the cost of condition (dual BN, FiLM, lambda sampling).
 
-Issue 6 (Performance): an OAT training step (plugins ``condition`` + ``pgd``) may take at most 1.15 times
+Issue 6 (Performance): an OAT training step (plugins ``condition`` + ``pgd``) may take at most 1.15 times (issue 18: 1.10)
 a plain PGD-AT step (plugin ``pgd`` alone at lambda 1: Madry's PGD-AT, the host forward is the
 adversarial one) at the same batch, model and attack.
 
@@ -53,7 +53,7 @@ from normlab.runner import prepare  # noqa: E402
 from normlab.train import train  # noqa: E402
 
 BATCH = 128
-TARGET = 1.15
+TARGET = 1.10  # issue 18 (issue 6 asked 1.15)
 REFERENCE_TARGET = 0.80  # issue 18: our OAT step / the public OAT code's
 MAX_STEPS = 4000 // BATCH  # one epoch of the embedded train split (drop_last)
 ATTACK = {"eps": 0.3, "step_size": 0.1, "steps": 5, "norm": "Linf", "random_start": True}
