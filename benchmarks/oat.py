@@ -1,7 +1,7 @@
 """OAT step time versus plain PGD-AT step time: the cost of condition (dual BN, FiLM, lambda sampling).
 
-Issue 6 (Performance): an OAT training step (plugins ``condition`` + ``pgd``) may take at most 1.15 times (issue 18: 1.10)
-a plain PGD-AT step (plugin ``pgd`` alone at lambda 1: Madry's PGD-AT, the host forward is the
+Issue 6 (Performance): an OAT training step (plugins ``condition`` + ``pgd``) may take at most 1.15 times
+(issue 18: 1.10) a plain PGD-AT step (plugin ``pgd`` alone at lambda 1: Madry's PGD-AT, the host forward is the
 adversarial one) at the same batch, model and attack.
 
 Both sides are runs built by the real host (:func:`normlab.runner.prepare`, :meth:`Run.build`) and trained
