@@ -161,14 +161,14 @@ class NaiveSide:
 
 
 def step_flops(side, x, y) -> int:
-    """Floating-point operations of one (untimed) training step of ``side``, forward and backward, as torch's
-    FlopCounterMode counts them (convolutions and matmuls)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Floating-point operations of one (untimed) training step of ``side``, forward and backward, as the
+    host counts a run's step (:class:`normlab.train.FlopCount`: torch's FLOP formulas, convolutions and
+    matmuls)."""
+    from normlab.train import FlopCount
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with FlopCount() as counter:
         side.step(x, y)
-    return counter.get_total_flops()
+    return counter.total
 
 
 def sync(device):

@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from _paired import paired_ratio  # benchmarks/_paired.py, beside this script
+from _paired import HostStep, paired_ratio  # benchmarks/_paired.py, beside this script
 
 os.environ["NORMLAB_LOAD_PLUGINS"] = "condition,pgd"  # only the two plugins compared
 
@@ -226,8 +226,7 @@ def reference(args, clock) -> int:
     embedded MNIST (32x32, 3 channels) on both sides, steps alternating, order flipped each pair.
     """
     from _reference import OatReference  # benchmarks/_reference.py, beside this script
-    from normlab.context import Context
-    from normlab.train import Finite, FlopCount, as_batch, build_optimizer, step_backward
+    from normlab.train import FlopCount
 
     eps, steps = 8 / 255, 7
     cfg = run_config("oat", 4, args.device)
@@ -239,23 +238,13 @@ def reference(args, clock) -> int:
                               "norm": "Linf", "random_start": True}}
     run = prepare(parse_run(cfg, "benchmark:oat-reference"), "benchmark:oat-reference", quiet=True)
     run.build()
-    run.train_mode()
-    opt = build_optimizer(run.trainable_parameters(), run.config.train)
     items = next(iter(run.data.loader("train", args.reference_batch, seed=0, num_workers=0,
                                       n=args.reference_batch, drop_last=True)))
-    finite = Finite()
+    ours = HostStep(run, items)
     theirs = OatReference(args.reference, run.data.num_classes, 128, eps, steps, run.config.train.lr)
     x, y = items[0].to(run.device), items[1].to(run.device)
 
-    def ours(step_no: int = 0) -> None:
-        step_backward(run, as_batch(run, items), Context(run=run, training=True, step=step_no), 0, step_no,
-                      step_no, finite)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        finite.check()
-        _sync(run.device)
-
-    sides = {"normlab": ours, "reference": lambda i=0: theirs.step(x, y)}
+    sides = {"normlab": ours, "reference": lambda: theirs.step(x, y)}
     flops = {}
     for name, fn in sides.items():
         fn()  # the first step checks the fold once (an extra forward): count the second
@@ -268,7 +257,7 @@ def reference(args, clock) -> int:
     for i in range(args.steps + 1):
         for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
             t0 = clock()
-            sides[name](i)
+            sides[name]()
             if i:  # the first pair warms up
                 times[name].append(clock() - t0)
     ratio = statistics.median(a / b for a, b in zip(times["normlab"], times["reference"]))

@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from _paired import HostStep  # benchmarks/_paired.py, beside this script
+
 os.environ.setdefault("NORMLAB_LOAD_PLUGINS", "slim,condition,pgd")
 
 BATCH = 128
@@ -58,41 +60,18 @@ def run_config(widths, device: str) -> dict:
 
 
 class Side:
-    """A run built by the real host, stepped the way ``normlab.train.train`` steps."""
+    """A run built by the real host, stepped the way ``normlab.train.train`` steps (``_paired.HostStep``)."""
 
     def __init__(self, widths, device: str):
-        import torch
-
         from normlab.config import parse_run
         from normlab.runner import prepare
-        from normlab.train import as_batch, build_optimizer
 
         self.name = "OATS" if len(widths) > 1 else f"OAT@{widths[0]}"
         self.run = run = prepare(parse_run(run_config(widths, device), "benchmark:oats"), "benchmark:oats",
                                  quiet=True)
         run.build()
-        run.train_mode()
-        self.opt = build_optimizer(run.trainable_parameters(), run.config.train)
         loader = run.data.loader("train", BATCH, seed=0, num_workers=0, n=BATCH * 4, drop_last=True)
-        self.items = next(iter(loader))
-        self.as_batch, self.step_no, self.torch = as_batch, 0, torch
-        from normlab.train import Finite
-
-        self.finite = Finite()
-
-    def step(self) -> None:
-        from normlab.context import Context
-        from normlab.train import step_backward
-
-        run = self.run
-        step_backward(run, self.as_batch(run, self.items), Context(run=run, training=True, step=self.step_no), 0,
-                      self.step_no, self.step_no, self.finite)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.finite.check()
-        self.step_no += 1
-        if run.device.type == "cuda":
-            self.torch.cuda.synchronize()
+        self.step = HostStep(run, next(iter(loader)))
 
 
 def _status_kib(field: str) -> int:
