@@ -74,6 +74,44 @@ def test_layerwise_statistics_are_those_the_adapted_model_produces(settings):
     assert all(torch.equal(v[1], before[k][1]) for k, v in snapshot(model).items())
 
 
+@pytest.mark.parametrize("shape", [(32, 16, 8, 8), (32, 16, 2, 2), (4, 16, 1, 1), (32, 16, 10)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_estimate_and_normalise_equals_statistics_then_the_eval_forward(shape, affine):
+    """Both forms (two reductions where they are faster, else one training-mode kernel with eps / k and
+    w / sqrt(k)) store the batch's mean and unbiased variance and return the BN's eval-mode output with them."""
+    torch.manual_seed(0)
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(16, affine=affine).eval()
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+    bn.running_mean.fill_(float("nan"))  # stale values must not leak into the estimate
+    f = torch.randn(shape) * 3 + 5
+    assert bnrect.reductions_faster(f) == (shape == (32, 16, 8, 8))
+    with torch.no_grad():
+        out = bnrect.estimate_and_normalise(bn, f)
+        dims = [0, *range(2, f.dim())]
+        var, mean = torch.var_mean(f.double(), dims, correction=1)
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, bn(f), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.stack(bnrect.batch_stats(f)), torch.stack([mean, var]).float())
+
+
+def test_rectify_leaves_no_wrapped_forward_behind():
+    model = make_model()
+    x = torch.rand(8, 3, 32, 32)
+    undo, *_ = bnrect.rectify(model, x, bnrect.Config())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    undo()
+    model.backbone.fc.register_forward_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bnrect.rectify(model, x, bnrect.Config())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert snapshot(model).keys() == snapshot(make_model()).keys()
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(snapshot(model).values(), snapshot(make_model()).values()))
+
+
 def test_batch_estimate_of_a_variant_describes_features_the_adapted_model_does_not_produce():
     """The reference code's one train-mode forward, mean-only: deeper layers' means are off."""
     x = torch.rand(32, 3, 32, 32) * 0.6 + 0.4

@@ -39,6 +39,8 @@ gradient runs through the statistics.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -67,19 +69,67 @@ def select(model: nn.Module, cfg: Config) -> list[tuple[str, nn.modules.batchnor
     return bns
 
 
+def reductions_faster(f: torch.Tensor) -> bool:
+    """Whether two reductions (:func:`two_pass`) compute ``f``'s statistics faster than PyTorch's
+    batch-norm kernel.
+
+    On CPU that kernel reduces a contiguous (N, C, H, W) input 2.5-4x slower than a mean over
+    (N, H, W) followed by a sum of squared deviations, once a sample has at least 16 values per
+    channel (one thread, resnet18's BN inputs at 32x32, n = 32: 980 against 160 us at 16x16, 260
+    against 70 at 8x8, 140 against 70 at 4x4; at 2x2 the two tie and at 1x1 the kernel wins).
+    """
+    return f.device.type == "cpu" and f.dim() > 2 and f.is_contiguous() and f.numel() >= 16 * f.shape[0] * f.shape[1]
+
+
+def two_pass(f: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Write the per-channel mean and unbiased variance of ``f`` (N, C, ...) into ``mean`` and ``var``:
+    the mean, then the mean squared deviation from it (as stable as the batch-norm kernel)."""
+    dims = [0, *range(2, f.dim())]
+    torch.mean(f, dims, out=mean)
+    d = f - mean.view(1, -1, *(1,) * (f.dim() - 2))
+    torch.sum(d.mul_(d), dims, out=var).div_(f.numel() // f.shape[1] - 1)
+
+
 def batch_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and unbiased variance of a BN input (N, C, ...), as BatchNorm's running update.
 
-    Computed by PyTorch's own batch-norm kernel (a training-mode ``F.batch_norm`` with momentum 1
-    into fresh buffers, its output discarded): the values BatchNorm itself would store, and on CPU
-    3x faster than ``torch.var_mean`` over (N, H, W) (3.5 against 10 ms for resnet18's 20 BN inputs
-    at 32x32, n = 32, one thread). Float32 under autocast.
+    :func:`two_pass` where :func:`reductions_faster`; elsewhere PyTorch's own batch-norm kernel (a
+    training-mode ``F.batch_norm`` with momentum 1 into fresh buffers, its output discarded): the
+    values BatchNorm itself would store. ``torch.var_mean`` over (N, H, W) is 3x slower than either
+    on CPU. Float32 under autocast.
     """
     f = f.detach().float()
     mean = torch.zeros(f.shape[1], device=f.device)
     var = torch.ones(f.shape[1], device=f.device)
-    F.batch_norm(f, mean, var, training=True, momentum=1.0)
+    if reductions_faster(f):
+        two_pass(f, mean, var)
+    else:
+        F.batch_norm(f, mean, var, training=True, momentum=1.0)
     return mean, var
+
+
+def estimate_and_normalise(bn: nn.modules.batchnorm._BatchNorm, f: torch.Tensor) -> torch.Tensor:
+    """Set ``bn``'s statistics to those of ``f`` and return its eval-mode output with them.
+
+    Where :func:`reductions_faster`, :func:`two_pass` into the BN's buffers, then its eval-mode
+    normalisation. Elsewhere one kernel: a training-mode ``F.batch_norm`` with momentum 1 stores the
+    batch mean and the unbiased variance ``v_u = k v_b`` (``k = n / (n - 1)``, ``n`` values per
+    channel) but normalises with the biased ``v_b``; the eval-mode output wanted,
+    ``(f - m) / sqrt(v_u + eps) * w + b``, equals ``(f - m) / sqrt(v_b + eps / k) * (w / sqrt(k)) + b``,
+    which that call computes when given ``eps / k`` and ``w / sqrt(k)``. Either way equal to
+    :func:`batch_stats` followed by the BN's own eval forward up to float rounding, without the
+    normalised output the kernel form of :func:`batch_stats` throws away (benchmarks/bnrect.py).
+    Only for a plain ``_BatchNorm`` forward (no activation after it) and an input of the buffers' dtype.
+    """
+    if reductions_faster(f):
+        two_pass(f, bn.running_mean, bn.running_var)
+        return F.batch_norm(f, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    n = f.numel() // f.shape[1]
+    k = n / (n - 1)
+    weight = bn.weight / math.sqrt(k) if bn.weight is not None else f.new_full((f.shape[1],), 1 / math.sqrt(k))
+    bn.running_mean.zero_()  # momentum 1 keeps 0 * old: zeroed first, so a non-finite old value cannot leak
+    bn.running_var.zero_()
+    return F.batch_norm(f, bn.running_mean, bn.running_var, weight, bn.bias, True, 1.0, bn.eps / k)
 
 
 def target(mean: torch.Tensor, var: torch.Tensor, mean0: torch.Tensor, var0: torch.Tensor, n: int,
@@ -100,9 +150,11 @@ def target(mean: torch.Tensor, var: torch.Tensor, mean0: torch.Tensor, var0: tor
 def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
     """Re-estimate the chosen BN statistics from ``samples``; return (undo, layers changed, layers skipped, n).
 
-    ``estimate: layerwise`` (default): one forward in eval mode; a pre-hook on each chosen BN sets its
-    statistics from its input as that input arrives (:func:`target`), so every BN normalises with the
-    values it will evaluate with, and deeper layers see the features the adapted model produces.
+    ``estimate: layerwise`` (default): one forward in eval mode; each chosen BN's forward, wrapped for
+    that forward only, sets its statistics from its input as that input arrives (:func:`target`), so
+    every BN normalises with the values it will evaluate with, and deeper layers see the features the
+    adapted model produces. For the full adaptation (``adapt: both``, no ``prior``) a plain BN estimates
+    and normalises without a discarded output (:func:`estimate_and_normalise`).
     ``estimate: batch``: Benz et al.'s code, one forward with the BNs in train mode (statistics reset,
     ``momentum=None``), the variant applied afterwards; for ``adapt: both`` without ``prior`` it differs
     from layerwise only in normalising with the biased variance during that forward, but for the
@@ -113,68 +165,78 @@ def rectify(model: nn.Module, samples: torch.Tensor, cfg: Config, ctx=None):
     1x1 feature map, where no variance exists) keep their source statistics.
     """
     bns = select(model, cfg)
-    saved = {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
-             for n, m in bns}
+    layerwise = cfg.estimate == "layerwise"
+    # layerwise writes only the statistics; the batch estimate also counts batches and changes momentum
+    saved = {n: (m.running_mean.clone(), m.running_var.clone(),
+                 None if layerwise else m.num_batches_tracked.clone(), m.momentum) for n, m in bns}
     used: set[str] = set()
     skipped: set[str] = set()
-    seen: set[str] = set()  # BNs estimated in the current forward (a module may run twice in one)
-    layerwise = cfg.estimate == "layerwise"
+    seen: set[str] = set()  # BNs estimated already (a module may run twice in the one forward)
+    fuse = layerwise and cfg.adapt == "both" and cfg.prior is None
 
-    def start(mod, inputs, name):
+    def estimate(mod, name, plain, f):
+        """The chosen BN's forward during the adaptation forward: estimate on its first input, then run."""
         if name in seen:
-            return
+            return plain(f)
         seen.add(name)
-        f = inputs[0]
         if f.numel() // f.shape[1] < 2:
             skipped.add(name)
-            return
+            return plain(f)
         used.add(name)
-        if layerwise:
-            mean0, var0, _, _ = saved[name]
-            mean, var = target(*batch_stats(f), mean0, var0, f.shape[0], cfg)
-            mod.running_mean.copy_(mean)
-            mod.running_var.copy_(var)
-        else:
+        if not layerwise:
             mod.reset_running_stats()
             mod.momentum = None  # cumulative average: after one batch, exactly its statistics
             mod.train()
+            return plain(f)
+        if fuse and plains[name][1] and f.dtype == mod.running_mean.dtype:
+            return estimate_and_normalise(mod, f)
+        mean0, var0, _, _ = saved[name]
+        mean, var = target(*batch_stats(f), mean0, var0, f.shape[0], cfg)
+        mod.running_mean.copy_(mean)
+        mod.running_var.copy_(var)
+        return plain(f)
 
-    def new_forward(*_):
-        seen.clear()
-
-    hooks = [m.register_forward_pre_hook(lambda mod, i, name=n: start(mod, i, name)) for n, m in bns]
-    hooks.append(model.register_forward_pre_hook(new_forward))
-    for _, m in bns:
+    plains = {}  # name: (an instance-level forward to put back, whether the forward is _BatchNorm's own)
+    for name, m in bns:
+        plains[name] = (m.__dict__.get("forward"), type(m).forward is nn.modules.batchnorm._BatchNorm.forward)
+        m.forward = functools.partial(estimate, m, name, m.forward)
         m.eval()
 
+    def unwrap():
+        for name, m in bns:
+            if plains[name][0] is None:
+                del m.forward
+            else:
+                m.forward = plains[name][0]
+
     def undo():
-        for h in hooks:
-            h.remove()
         for name, m in bns:
             mean0, var0, count0, momentum = saved[name]
             m.running_mean.copy_(mean0)
             m.running_var.copy_(var0)
-            m.num_batches_tracked.copy_(count0)
-            m.momentum = momentum
-            m.eval()
+            if count0 is not None:
+                m.num_batches_tracked.copy_(count0)
+                m.momentum = momentum
+                m.eval()
 
     x = samples[: cfg.n_samples]
     try:
         with ctx.active() if ctx is not None else contextlib.nullcontext():
             model(x)
     except BaseException:
+        unwrap()
         undo()
         raise
-    for h in hooks:
-        h.remove()
-    for name, m in bns:
-        m.eval()
-        mean0, var0, _, momentum = saved[name]
-        m.momentum = momentum
-        if name in used and not layerwise:
-            mean, var = target(m.running_mean.clone(), m.running_var.clone(), mean0, var0, x.shape[0], cfg)
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
+    unwrap()
+    if not layerwise:  # back to eval mode and the BNs' own momentum, then the variant
+        for name, m in bns:
+            m.eval()
+            mean0, var0, _, momentum = saved[name]
+            m.momentum = momentum
+            if name in used:
+                mean, var = target(m.running_mean.clone(), m.running_var.clone(), mean0, var0, x.shape[0], cfg)
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
     return undo, sorted(used), sorted(skipped), x.shape[0]
 
 
