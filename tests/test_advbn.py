@@ -170,11 +170,24 @@ def test_the_front_runs_once_per_step_and_only_the_tail_repeats():
 
 
 def test_samples_clean_perturbs_only_the_clean_rows():
-    run = build(steps=1, samples="clean")
-    b = batch(run, 12)
-    b.extra["n_clean"] = 4
-    _, terms = host_step(run, b)
-    assert terms["advbn"].shape == (4,) and terms["ce"].shape == (12,)
+    """With samples: clean the adversarial term is the clean rows' alone: other rows leave it unchanged,
+    while the host's ce (whose train-mode BNs see the whole batch) and a change of the clean rows do not."""
+    def terms_for(clean_seed, other_seed):
+        run = build(steps=1, samples="clean")  # the same weights each time
+        with torch.no_grad():  # timm zero-initialises each block's last BN scale: make outputs depend on inputs
+            for m in run.model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.fill_(1.0)
+        b = batch(run, 12, seed=clean_seed)
+        b.x[4:] = batch(run, 8, seed=other_seed).x  # the rows after the 4 clean ones
+        b.extra["n_clean"] = 4
+        return host_step(run, b)[1]
+
+    base, others, clean = terms_for(0, 5), terms_for(0, 6), terms_for(1, 5)
+    assert base["advbn"].shape == (4,) and base["ce"].shape == (12,)
+    torch.testing.assert_close(base["advbn"], others["advbn"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(base["ce"][:4], others["ce"][:4], rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(base["advbn"], clean["advbn"], rtol=1e-3, atol=1e-4)
 
 
 # --- the route knob ---------------------------------------------------------------------------------------

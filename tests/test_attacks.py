@@ -148,6 +148,9 @@ def test_torchattacks_autoattack_only_by_name_and_labelled(trained):
     accuracies = {"autoattack/acc", "autoattack/clean_acc", "autoattack/torchattacks-standard/acc"}
     assert set(m) == {"autoattack/eps"} | {f"{k}{end}" for k in accuracies for end in ("", "/ci_low", "/ci_high")}
     assert m["autoattack/acc"] == m["autoattack/torchattacks-standard/acc"]
+    # the same 16 fixed test images as the clean evaluator's, and no attack raises accuracy
+    assert m["autoattack/clean_acc"] == evaluate(run, "clean", n_examples=16)["clean/acc"]
+    assert m["autoattack/acc"] <= m["autoattack/clean_acc"]
     assert EVALUATORS["autoattack"].config().implementation == "pyautoattack"
     assert "10 iterations" in EVALUATORS["autoattack"].doc
 

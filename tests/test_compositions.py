@@ -36,16 +36,36 @@ def test_augmix_with_advbn_trains_the_tail_on_jsd_plus_the_adversarial_term(tmp_
     assert any(not torch.equal(start[k], end[k]) for k in tail)
 
 
+class LossTerms:
+    """Records, at each step's on_loss (run last), every term's weight, rows and the step's total."""
+
+    def __init__(self):
+        self.steps = []
+
+    @normlab.hookimpl
+    def on_loss(self, batch, model, ctx, terms):
+        self.steps.append({"weights": {k: float(w) for k, w in terms.weights.items()},
+                           "rows": {k: len(v) for k, v in terms.losses.items()},
+                           "mean_over_rows": float(torch.cat([v.detach() for v in terms.losses.values()]).mean()),
+                           "total": float(terms.total().detach())})
+
+
 def test_nofrost_star_averages_clean_augmented_and_adversarial_ce(tmp_path):
+    """NoFrost*: the equal-weight mean of CE over the clean, the AugMix and the adversarial rows, i.e.
+    ce over 2N rows weighs 2N / 3N and adv over N rows N / 3N, and the step's loss is the plain mean of
+    the 3N per-row CEs."""
+    recorder = LossTerms()
     cfg = tiny({"nf": {}, "pgd": {"combine": "mean", "attack_rows": "clean", "eps": 0.1, "step_size": 0.05,
                                   "steps": 2},
-                "augmix": {"views": 1, "loss": "ce", "workers": 0}})
-    res = normlab.run(cfg, out=tmp_path / "r", quiet=True)
+                "augmix": {"views": 1, "loss": "ce", "workers": 0}, "loss_terms": {}})
+    res = normlab.run(cfg, out=tmp_path / "r", plugins={"loss_terms": recorder}, quiet=True)
+    assert len(recorder.steps) == 2  # 128 digits at batch 64
+    for step in recorder.steps:
+        assert step["rows"] == {"ce": 128, "adv": 64}
+        assert step["weights"] == pytest.approx({"ce": 2 / 3, "adv": 1 / 3})
+        assert step["total"] == pytest.approx(step["mean_over_rows"], rel=1e-6)
     row = last_row(res.dir)
-    # logged terms are weight * mean: ce over 2N rows weighs 2N / 3N, adv over N rows weighs N / 3N
-    ce, adv = float(row["loss/ce"]), float(row["loss/adv"])
-    assert ce > 0 and adv > 0
-    assert float(row["train_loss"]) == pytest.approx(ce + adv, rel=1e-6)
+    assert float(row["train_loss"]) == pytest.approx(float(row["loss/ce"]) + float(row["loss/adv"]), rel=1e-6)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in res.model.modules())
 
 

@@ -487,6 +487,12 @@ def test_oat_with_the_real_pgd_plugin_trains_and_sweeps_lam(tmp_path):
     for v in ("0.0", "0.05", "1.0"):
         assert 0 <= res.metrics[f"sweep/lam={v}/pgd/acc"] <= res.metrics[f"sweep/lam={v}/clean/acc"]
     assert (res.dir / "plots" / "sweep_lam.png").is_file()
+    # each sweep point is the plain evaluation with the knob set in the run file
+    for v in ("0.0", "1.0"):
+        fixed = normlab.evaluate(res.dir, overrides=[f"plugins.condition.lam={v}", "evaluate={clean: {n_examples: 64}, "
+                                 "pgd: {eps: 0.2, steps: 2, alpha: 0.1, n_examples: 64}}"], name=f"lam{v}", quiet=True)
+        assert fixed.metrics[f"lam{v}/clean/acc"] == res.metrics[f"sweep/lam={v}/clean/acc"]
+        assert fixed.metrics[f"lam{v}/pgd/acc"] == res.metrics[f"sweep/lam={v}/pgd/acc"]
 
 
 # --- FiLM as the OAT code has it (film_style: oat) --------------------------------

@@ -385,12 +385,34 @@ def test_robustbench_source_without_the_data_is_a_clear_error(tmp_path, monkeypa
     assert not (tmp_path / "CIFAR-10-C").exists()  # robustbench was not asked (it would download)
 
 
+class _Oracle(torch.nn.Module):
+    """Predicts the label of the stored image nearest to its input: accuracy 1 exactly when every
+    evaluated image arrives with its own label, lower for any misaligned row."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__()
+        self.images, self.labels = images.flatten(1), labels
+
+    def forward(self, x):
+        nearest = torch.cdist(x.flatten(1), self.images).argmin(1)
+        return torch.nn.functional.one_hot(self.labels[nearest], 10).float()
+
+
 def test_robustbench_source_reads_the_released_layout(tmp_path, monkeypatch, mnist_run):
-    """A stand-in CIFAR-10-C whose 'corrupted' rows are the clean test images, in test order: every accuracy is clean."""
-    test = mnist_run.data.test
+    """A stand-in CIFAR-10-C whose 'corrupted' rows are the clean test images, in test order, read through
+    robustbench's loader: a model that recognises each test image scores 1 on every set, so every row
+    came with its own label. The stand-in test split is the embedded one in its fixed random order (the
+    stored split is sorted by class, and the released loader reads the first n rows)."""
+    from normlab.data import TensorImages, fixed_order
+
+    stored = mnist_run.data.test
+    order = fixed_order(len(stored))
+    test = TensorImages(stored.images[order], stored.labels[order], stored.image_size)
+    monkeypatch.setattr(mnist_run.data, "test", test)
+    n = 48
+    assert len(set(test.labels[:n].tolist())) >= 8
     folder = tmp_path / "CIFAR-10-C"
     folder.mkdir()
-    n = 48
     np.save(folder / "labels.npy", np.tile(test.labels.numpy().astype(np.uint8), 50)[:50_000])
     images = test.images[:n].permute(0, 2, 3, 1).numpy()
     for name in ("fog",):
@@ -400,13 +422,21 @@ def test_robustbench_source_reads_the_released_layout(tmp_path, monkeypatch, mni
         arr.flush()
         del arr
     monkeypatch.setattr(mnist_run.data, "name", "cifar10")
-    m = evaluate(mnist_run, {"source": "robustbench", "data_dir": str(tmp_path), "corruptions": ["fog"],
-                             "severities": [2, 5], "n_examples": n, "batch_size": 16})
+    oracle = _Oracle(torch.stack([test[i][0] for i in range(n)]), test.labels[:n])
+    monkeypatch.setattr(mnist_run, "model", oracle)
+    report = Report()
+    cfg = C.CorruptionsConfig(source="robustbench", data_dir=str(tmp_path), corruptions=["fog"], severities=[2, 5],
+                              n_examples=n, batch_size=16)
+    EVALUATORS["corruptions"].fn(oracle, Context(run=mnist_run), report, cfg)
+    m = report.metrics
     assert len([k for k in m if k.count("/") == 3 and k.endswith("/acc")]) == 2
-    for k, v in m.items():
-        if k.endswith("/acc") and k != "corruptions/clean_acc":
-            assert v == m["corruptions/clean_acc"], k
+    assert m["corruptions/clean_acc"] == 1.0
+    assert m["corruptions/fog/2/acc"] == m["corruptions/fog/5/acc"] == 1.0
     assert m["corruptions/drop"] == 0.0
+    # and misaligned labels would have shown: the oracle on the rows shifted by one scores far below 1
+    with torch.no_grad():
+        shifted = oracle(torch.stack([test[i][0] for i in range(1, n + 1)])).argmax(1)
+    assert float((shifted == test.labels[:n]).float().mean()) < 0.5
 
 
 def test_ce_and_mce_follow_reference():

@@ -190,3 +190,5 @@ def test_a_run_directory_from_an_earlier_version_resumes(finished, tmp_path):
     (d / "run.yaml").write_text(yaml.safe_dump(saved))
     res = normlab.run(cfg, out=d, resume=True, overrides=["train.epochs=3"], quiet=True)
     assert len(res.history) == 3
+    assert res.history[:2] == ref.history  # epochs 1 and 2 were kept, not trained again
+    assert "resuming after epoch 2" in (d / "log.txt").read_text()

@@ -158,10 +158,18 @@ def test_bad_robustbench_model_exits_2_with_one_line_and_no_run_dir(case, model_
 
 
 def test_robustbench_none_is_a_timm_model_again(tiny_config, tmp_path):
+    import timm
+
     from normlab.config import parse_run
+    from normlab.runner import prepare
 
     cfg = parse_run({**tiny_config, "model": {"name": "resnet18", "robustbench": None}}, "config")
     assert cfg.model.robustbench is None
+    run = prepare(cfg, "config", quiet=True)
+    run.build()
+    backbone, reference = run.model.backbone, timm.create_model("resnet18", num_classes=10)
+    assert type(backbone) is type(reference)
+    assert {k: v.shape for k, v in backbone.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
 
 
 # --- the evaluator --------------------------------------------------------------

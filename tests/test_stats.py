@@ -228,7 +228,9 @@ def test_cost_flops_of_a_resnet18_step_match_an_independent_count_and_are_report
     assert cost["train/step_flops"] == pytest.approx(expected, rel=1e-9)
     # resnet18's 1.82 GMACs at 224 px scale by (32/224)^2 to about 37 MMACs an image forward: 3 x 2 x 37e6 x 128
     assert 2.4e10 < expected < 3.0e10
-    assert cost["train/images_per_s"] > 0 and cost["peak_memory_mb"] > 100
+    # the timings are recorded, not bounded (bounds on time and memory live in benchmarks/); the per-image
+    # figure divides by the images evaluated (fgsm's n_examples), not by the split's 1,000
+    assert {"train/images_per_s", "peak_memory_mb", "eval/fgsm/seconds"} <= set(cost)
     assert cost["eval/fgsm/seconds_per_image"] == pytest.approx(cost["eval/fgsm/seconds"] / 50)
 
 
