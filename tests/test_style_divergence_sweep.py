@@ -89,6 +89,39 @@ def test_style_and_divergence_end_to_end(trained):
     assert saved["clean/acc"] == trained.metrics["clean/acc"] and "style/texture/acc" in saved
 
 
+def test_divergence_equals_a_hand_computation_at_one_layer(trained):
+    """divergence/invert/layer1 is the mean over channels of KL(A||B) + KL(B||A) between normals fitted to
+    layer1's channels on the evaluated clean digits (A) and the same digits inverted (B), computed here
+    from a forward hook, torch.var_mean and the closed form, with the documented variance floor."""
+    import math
+
+    from normlab.config import load_run_file
+    from normlab.data import build_data
+
+    res = normlab.evaluate(trained.dir, overrides=[
+        "evaluate={divergence: {n_examples: 64, domains: [invert], layers: [layer1]}}"], name="kl", quiet=True)
+    model = res.model.eval()
+    data = build_data(load_run_file(trained.dir / "run.yaml")[0].data, "run.yaml")
+    clean = torch.cat([x for x, _ in data.loader("test", 1024, shuffle=False, n=64)])
+    stats = []
+    for x in (clean, 1 - clean):
+        seen = []
+        h = model.backbone.layer1.register_forward_hook(lambda m, i, o: seen.append(o.double()))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+        var, mean = torch.var_mean(seen[0], dim=(0, 2, 3), correction=0)
+        stats.append((mean, var))
+    (ma, va), (mb, vb) = stats
+    floor = 1e-3 * float(torch.cat([va, vb]).mean())
+    total = 0.0
+    for c in range(len(ma)):
+        a, b, d2 = max(float(va[c]), floor), max(float(vb[c]), floor), float(ma[c] - mb[c]) ** 2
+        total += 0.5 * math.log(b / a) + (a + d2) / (2 * b) - 0.5 + 0.5 * math.log(a / b) + (b + d2) / (2 * a) - 0.5
+    assert res.metrics["kl/divergence/invert/layer1"] == pytest.approx(total / len(ma), rel=1e-6)
+    assert total > 0
+
+
 def test_sweep_over_a_declared_knob(trained, tmp_path):
     cfg = {"seed": 0, "model": {"checkpoint": str(trained.dir)}, "data": {"n_train": 64}, "train": {"epochs": 0},
            "plugins": ["flip"],
