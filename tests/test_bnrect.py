@@ -10,7 +10,9 @@ import normlab_bnrect as bnrect
 from conftest import copy_run, input_batch_stats
 from normlab.context import Context
 from normlab.layers import RoutedNorm, as_norm_act, map_norms
+from normlab.config import parse_run
 from normlab.model import NormlabNet
+from normlab.runner import prepare
 from normlab_registry import PluginSpec, ResolutionError, resolve
 
 
@@ -289,3 +291,38 @@ def test_end_to_end_acc_and_acc_star_on_style_domains(small_trained, tmp_path):
     # re-estimating statistics on the inverted digits recovers accuracy the source statistics lose
     assert m["bnrect/style/invert/acc"] > m["style/invert/acc"]
     assert again.metrics["bnrect/style/acc"] == m["bnrect/style/acc"]
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_oat_models_fused_bn_film_is_rectified_on_the_route_in_use(lam):
+    """The condition plugin fuses an eval-mode BN with its FiLM (one addcmul that never calls the BN); a BN
+    being estimated must run as itself, so bnrect adapts the route lambda selects, each BN to its input's
+    statistics in the adapted model, and restores them bitwise."""
+    cfg = parse_run({"seed": 0, "model": {"name": "resnet18"}, "adapt_samples": 32, "train": {"epochs": 0},
+                     "plugins": {"condition": {"lam": lam}, "pgd": {}, "bnrect": {"domains": ["style/"]}}, "evaluate": {}},
+                    "test.yaml")
+    run = prepare(cfg, "test.yaml", quiet=True)
+    run.build()
+    model = run.model.eval()
+    x = torch.rand(32, 3, 32, 32) * 0.6 + 0.4
+    route = "routes.0" if lam == 0 else "routes.1"
+    chosen = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and n.endswith(route)}
+    others = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and not n.endswith(route)}
+    before = {n: m.running_mean.clone() for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    ctx = Context(run=run)
+    with run.domain("style/x", x, ctx):
+        assert run.state["bnrect"]["style/x"]["bn_layers"] == len(chosen) == 20
+        with ctx.active():
+            seen = eval_input_stats(model, x)  # hooks on the BNs: they run as themselves while observed
+        for name, m in chosen.items():
+            torch.testing.assert_close(m.running_mean, seen[name][0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.running_var, seen[name][1], rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(m.running_mean, before[n]) for n, m in others.items())
+        with torch.no_grad(), ctx.active():
+            fused = model(x)  # no hooks now: the fused path, with the adapted statistics
+            hooked = [m.register_forward_hook(lambda *a: None) for m in chosen.values()]
+            plain = model(x)
+            for h in hooked:
+                h.remove()
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(m.running_mean, before[n]) for n, m in model.named_modules() if n in before)

@@ -144,12 +144,16 @@ class RoutedNorm(nn.Module):
 
 def eval_bn(norm: nn.Module) -> nn.BatchNorm2d | None:
     """The plain BN that ``norm`` (a BN, or nested :class:`RoutedNorm` under the active context) runs now, if it
-    normalises with its running statistics (eval mode); else None (train mode, per-sample routes, another
-    kind of layer)."""
+    normalises with its running statistics (eval mode) and may be replaced by its affine map (fused, folded);
+    else None (train mode, per-sample routes, another kind of layer, or a BN that must run as itself: one
+    with forward hooks or an instance-level forward, as bnrect's estimate and its per-forward adaptation
+    install, since a fused or folded BN never calls them)."""
     bn = norm
     while isinstance(bn, RoutedNorm):  # routes may nest (OATS: route, then width)
         bn = bn.selected()
     if type(bn) is not nn.BatchNorm2d or bn.training or not bn.track_running_stats or bn.running_mean is None:
+        return None
+    if bn._forward_pre_hooks or bn._forward_hooks or "forward" in bn.__dict__:
         return None
     return bn
 

@@ -159,8 +159,9 @@ class CondNormAct(NormAct):
     mode: attacks, evaluation) the layer is affine per sample and channel, so
     ``FiLM(BN(x))`` is one ``addcmul``: with FiLM's ``x * f + g``, ``x * a + b`` with ``a = w f``,
     ``b = (beta - mean w) f + g`` and ``w = gamma / sqrt(var + eps)``.
-    In training mode, with per-sample routes, or without a condition it runs
-    norm, FiLM, drop and act one after the other.
+    In training mode, with per-sample routes, without a condition, or while the
+    selected BN has hooks or a wrapped forward (bnrect estimating it:
+    :func:`normlab.layers.eval_bn`) it runs norm, FiLM, drop and act one after the other.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
