@@ -80,3 +80,55 @@ def test_advbn_with_bnrect_rectifies_the_front_and_the_route_in_use(tmp_path):
     assert aux and len(aux) == len(main) and plain
     record = json.loads((res.dir / "results.json").read_text())["records"]["bnrect"]["domains"]["style/invert"]
     assert record == {"n_samples": 16, "bn_layers": len(plain) + len(aux)}
+
+
+class FrontProbe:
+    """At on_loss: how far advbn's kept front feature is from the front of the batch the host trained on."""
+
+    def __init__(self):
+        self.differences = []
+
+    @normlab.hookimpl
+    def on_loss(self, batch, model, ctx, terms):
+        from normlab.layers import Split
+
+        with torch.no_grad():  # the front is frozen, its BNs in eval mode: deterministic
+            host = Split(model, "layer1").front(batch.x)
+        self.differences.append(float((ctx.state["advbn"] - host).abs().max()))
+
+
+def test_advbn_with_pgd_perturbs_the_host_forwards_features_not_the_attacks(tmp_path):
+    """pgd's pure mode attacks in on_batch, before the host forward: advbn must keep the host forward's
+    layer1 output (ctx.inner is set in the attack's forwards), not the first one of the step."""
+    probe = FrontProbe()
+    cfg = tiny({"advbn": {"steps": 1}, "pgd": {"steps": 2, "eps": 0.3, "step_size": 0.1}, "probe": {}})
+    normlab.run(cfg, out=tmp_path / "r", plugins={"probe": probe}, quiet=True)
+    assert len(probe.differences) == 2 and max(probe.differences) == 0.0
+
+
+class StatsBefore:
+    @normlab.hookimpl
+    def on_domain(self, model, domain, samples, ctx):
+        self.training = model.training
+        self.before = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+
+
+class StatsAfter:
+    def __init__(self, before):
+        self.before, self.seen = before, []
+
+    @normlab.hookimpl
+    def on_domain(self, model, domain, samples, ctx):
+        changed = sum(not torch.equal(b, self.before.before[n]) for n, b in model.named_buffers() if n in self.before.before)
+        self.seen.append((domain, self.before.training, changed))
+
+
+def test_validation_adapts_in_eval_mode_and_leaves_the_statistics_alone(tmp_path):
+    """The per-epoch validation enters the clean domain with the model in eval mode: advbn's route: auto
+    forwards the adaptation samples to choose a route without moving any BN's running statistics."""
+    before = StatsBefore()
+    after = StatsAfter(before)
+    cfg = tiny({"before": {}, "advbn": {"steps": 1, "route": "auto"}, "after": {}})
+    normlab.run(cfg, out=tmp_path / "r", plugins={"before": before, "after": after}, quiet=True)
+    assert [d for d, *_ in after.seen] == ["clean", "clean"]  # validation after epoch 1, then the clean evaluator
+    assert all(not training and changed == 0 for _, training, changed in after.seen), after.seen

@@ -143,11 +143,19 @@ def domain_accuracy(run, loader, domain: str = "clean", ctx: Context | None = No
     The adaptation samples are the test split's (:meth:`~normlab.runner.Run.domain_samples`). The
     clean evaluator and the per-epoch validation both use it, so plugins' test-time settings (a
     lambda knob, a BN route) apply to validation as to evaluation.
+    The model is in eval mode from before ``on_domain`` (as the hookspec promises: an adapting plugin's
+    forwards during the per-epoch validation must not update train-mode BN statistics) until the
+    domain's restores have run.
     """
     ctx = ctx or Context(run=run)
     samples, positions = run.domain_samples()
-    with run.domain(domain, samples, ctx, positions):
-        return evaluate_accuracy(run, loader, desc=domain, ctx=ctx)
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with run.domain(domain, samples, ctx, positions):
+            return evaluate_accuracy(run, loader, desc=domain, ctx=ctx)
+    finally:
+        run.model.train(was_training)
 
 
 def as_batch(run, items) -> Batch:

@@ -155,8 +155,10 @@ def on_batch_norm(name, module, model, run):
 
 @hookimpl
 def on_feature(name, feature, ctx):
-    if ctx.training and NAME not in ctx.state and name == _state(ctx.run).get("layer"):
-        ctx.state[NAME] = feature  # the host forward's front output: the front runs once per batch
+    # the host forward's front output (the front runs once per batch); not an inner loop's (pgd's attack
+    # in its on_batch forwards the batch before the host does)
+    if ctx.training and not ctx.inner and NAME not in ctx.state and name == _state(ctx.run).get("layer"):
+        ctx.state[NAME] = feature
     return None
 
 
