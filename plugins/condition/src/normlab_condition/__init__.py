@@ -218,6 +218,9 @@ def on_model(model, run):
         what = "dual_bn" if cfg.dual_bn else "film"
         raise UsageError(f"{run.source}: plugins.condition.{what}: expected a backbone with BatchNorm layers; "
                          f"{type(model).__name__} ({run.config.model.name}) has none")
+    if cfg.sampling == "iid" and "augmix" in run.enabled:
+        raise UsageError(f"{run.source}: plugins.condition.sampling: expected 'fixed' with augmix; 'iid' "
+                         f"reorders the batch's rows, which breaks AugMix's layout (clean rows, then each view)")
     if hasattr(model, CODE_ATTR):
         raise UsageError(f"{run.source}: plugins.condition: expected a backbone without a {CODE_ATTR!r} "
                          f"attribute; {run.config.model.name} already has one")
