@@ -262,6 +262,22 @@ def test_routed_bn_rectifies_only_the_route_in_use():
     assert all(torch.equal(snapshot(model)[n][1], before[n][1]) for n in before)
 
 
+@pytest.mark.parametrize("part", ["front", "middle", "end"])
+def test_thirds_are_thirds_of_the_layers_whatever_the_routes(part):
+    """A routed layer's copies (main/aux, clean/adv, widths) count as one BN layer: a third of a routed
+    resnet18 holds the same layers as a third of the plain one, and the route in use adapts all of them."""
+    plain = make_model()
+    plain_third = [n for n, _ in bnrect.select(plain, bnrect.Config(part=part))]
+    routed = make_model()
+    map_norms(routed.backbone, lambda name, m: _routed(m))
+    chosen = bnrect.select(routed, bnrect.Config(part=part))
+    layers = list(dict.fromkeys(bnrect.layer_name(n) for n, _ in chosen))
+    assert [n.removesuffix(".norm") for n in layers] == plain_third and len(chosen) == 2 * len(layers)
+    undo, used, *_ = bnrect.rectify(routed, torch.rand(32, 3, 32, 32), bnrect.Config(part=part), Context(route="aux"))
+    assert sorted(used) == sorted(n for n, _ in chosen if n.endswith("routes.1"))
+    undo()
+
+
 def _routed(m):
     na = as_norm_act(m)
     na.norm = RoutedNorm.copies(na.norm, ("main", "aux"))

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -56,16 +57,26 @@ conflict_reasons = {"nf": "nf removes every BN layer, so there are no statistics
 after = ("advbn", "condition", "slim")  # rectify the routes those plugins select
 
 
+def layer_name(name: str) -> str:
+    """The BN layer a BN module belongs to: its name without routes (``...bn1.norm.routes.1`` -> ``...bn1.norm``),
+    so the copies a routed layer holds (AdvBN's main/aux, OAT's clean/adv, slim's widths) count as one layer."""
+    return re.sub(r"(\.routes\.\d+)+", "", name)
+
+
 def select(model: nn.Module, cfg: Config) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """The BN layers the settings choose, in forward (definition) order."""
+    """The BN modules the settings choose, in forward (definition) order. ``part`` takes thirds of the
+    network's BN layers (:func:`layer_name`: a routed layer's copies count once), so a third covers the
+    same layers whatever route is in use."""
     bns = [(n, m) for n, m in model.named_modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if cfg.layers is not None:
         bns = [(n, m) for n, m in bns if any(n.removeprefix("backbone.").startswith(p) for p in cfg.layers)]
     if cfg.part != "all":
-        k = len(bns)
+        layers = list(dict.fromkeys(layer_name(n) for n, _ in bns))
+        k = len(layers)
         lo, hi = {"front": (0, k // 3), "middle": (k // 3, 2 * k // 3), "end": (2 * k // 3, k)}[cfg.part]
-        bns = bns[lo:hi]
+        chosen = set(layers[lo:hi])
+        bns = [(n, m) for n, m in bns if layer_name(n) in chosen]
     return bns
 
 
@@ -299,8 +310,8 @@ def on_domain(model, domain, samples, ctx):
     if ctx.adaptive:  # an adaptive attack's forward: adapt to its own batch, through autograd
         return per_forward(model, cfg)
     if cfg.per_batch:
-        ctx.run.state.setdefault("bnrect", {})[domain] = {"n_samples": "each evaluated batch",
-                                                          "bn_layers": len(select(model, cfg))}
+        layers = {layer_name(n) for n, _ in select(model, cfg)}  # the route in use runs one copy of each
+        ctx.run.state.setdefault("bnrect", {})[domain] = {"n_samples": "each evaluated batch", "bn_layers": len(layers)}
         return per_forward(model, cfg)
     undo, used, skipped, n = rectify(model, samples, cfg, ctx)
     ctx.run.log.debug("bnrect: %s: %d BN layers from %d samples", domain, len(used), n)
