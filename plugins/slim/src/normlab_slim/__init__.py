@@ -201,7 +201,12 @@ def on_domain(model, domain, samples, ctx: Context):
 
 
 def flops(model: nn.Module, x: torch.Tensor, ctx: Context, width: float) -> int:
-    """FLOPs of one forward of ``x`` at ``width`` (torch's FlopCounterMode: convolutions and matmuls)."""
+    """FLOPs of one forward of ``x`` at ``width`` (torch's FlopCounterMode: convolutions and matmuls).
+
+    Counted outside any domain: with the condition plugin no lambda is set, so no FiLM MLP runs. That is
+    also the per-image cost as evaluated, where the fused BN + FiLM coefficients are computed once per
+    lambda and reused by every forward (condition's ``CondNormAct``), not per image.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), ctx.using(width=width), FlopCounterMode(display=False) as counter:
