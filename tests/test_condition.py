@@ -31,6 +31,7 @@ class FakeRun:
         self.cfg = cond.Config(**settings)
         self.source = "oat.yaml"
         self.state = {}
+        self.enabled = ["condition", "pgd"]
         self.config = types.SimpleNamespace(seed=seed, model=types.SimpleNamespace(name="resnet18"))
 
     def plugin_config(self, name):
