@@ -179,6 +179,21 @@ def test_a_hook_returning_the_wrong_type_names_the_plugin_and_hook(finished, tmp
         "run failed: plugin 'bad' returned str from on_batch; expected a normlab.data.Batch or None")
 
 
+def test_a_kill_between_the_checkpoint_and_metrics_csv_is_repaired_on_resume(finished, tmp_path):
+    """The last epoch's checkpoint is written before metrics.csv: a kill between the two leaves the file a row
+    short, and --resume (which then has no epoch left to train) rewrites it from the checkpoint's history."""
+    import csv
+
+    cfg, ref = finished
+    d = _copy(ref.dir, tmp_path / "run")
+    full = (d / "metrics.csv").read_text().splitlines()
+    (d / "metrics.csv").write_text("\n".join(full[:-1]) + "\n")  # the epoch-2 row lost
+    res = normlab.run(cfg, out=d, resume=True, quiet=True)
+    rows = list(csv.DictReader((d / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and len(res.history) == 2
+    assert float(rows[-1]["val_acc"]) == ref.history[-1]["val_acc"]
+
+
 def test_a_run_directory_from_an_earlier_version_resumes(finished, tmp_path):
     """run.yaml written before a key existed (here: adapt_samples, model.stem) still matches the same run."""
     import yaml

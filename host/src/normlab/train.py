@@ -317,6 +317,8 @@ def train(run, resume: bool = False) -> list[dict]:
         state = load_checkpoint(run.dir, model, opt, sched)
         start, history = state["epoch"], state.get("history", [])
         run.log.info("resuming after epoch %d", start)
+        if main:  # a kill between the checkpoint and metrics.csv left the file an epoch behind
+            _write_metrics(run.dir / "metrics.csv", history)
     elif resume:  # stopped before its first checkpoint: the same run from the start
         run.log.info("no finished epoch to resume from; starting over from epoch 0")
     if resume and main:
