@@ -62,6 +62,22 @@ BAD = {
     "kwargs the model rejects": ("model: {kwargs: {colour: 3}}", r"run.yaml: model.kwargs: .*colour"),
     "n_train below batch_size": ("data: {n_train: 32, batch_size: 128}",
                                  r"run.yaml: \(top level\): data.n_train \(32\) is smaller than data.batch_size \(128\)"),
+    # found by fuzzing (2026-12-04): tracebacks, or refusals only after training
+    "a NUL byte": ("model: {name: res\0net18}", r"run.yaml: invalid YAML: unacceptable character #x0000"),
+    "absurd threads": ("train: {threads: 100000000000}", r"run.yaml: train.threads: Input should be less than or equal to 4096"),
+    "no trainable prefix": ("model: {trainable: []}", r"run.yaml: model.trainable: List should have at least 1 item"),
+    "bnrect layers that name no BN": ("plugins: {bnrect: {layers: [nosuchlayer]}}",
+                                      r"run.yaml: plugins.bnrect.layers: expected prefixes of the backbone's BN layer "
+                                      r"names.*no BN layer starts with 'nosuchlayer'"),
+    "unknown style domain": ("evaluate: {style: {domains: [sketch]}}",
+                             r"run.yaml: evaluate.style.domains: unknown domain 'sketch'; generated domains are"),
+    "missing style folder": ("evaluate: {style: {folders: {sketch: /nonexistent/sketch}}}",
+                             r"run.yaml: evaluate.style.folders: sketch: directory '/nonexistent/sketch' does not exist"),
+    "an ImageFolder without class folders": ("data: {name: imagefolder, root: EMPTY_TREE}",
+                                             r"run.yaml: data.root: expected an ImageFolder tree with .*Couldn't find "
+                                             r"any class folder"),
+    "unknown divergence domain": ("evaluate: {divergence: {domains: [sketch]}}",
+                                  r"run.yaml: evaluate.divergence.domains: unknown domain 'sketch'"),
 }
 
 
@@ -75,6 +91,10 @@ def test_bad_run_file_exits_2_with_one_line_and_no_run_dir(case, tmp_path, write
 
     monkeypatch.setitem(normlab_registry.CATALOGUE, "future", normlab_registry.Entry("future", "normlab-future", ""))
     text, pattern = BAD[case]
+    if "EMPTY_TREE" in text:  # train/ and val/ exist, with no class folders in them
+        for split in ("train", "val"):
+            (tmp_path / "tree" / split).mkdir(parents=True)
+        text = text.replace("EMPTY_TREE", str(tmp_path / "tree"))
     path = write_yaml(text)
     out_dir = tmp_path / "out"
     code, out, err = run_cli(["run", path, "--out", out_dir], capsys)

@@ -100,6 +100,10 @@ def _copy(run_dir, dest):
     (lambda d: (d / "results.json").write_text('{"metrics": {"clean/acc": "high"}}'),
      r"results.json: metrics.clean/acc: expected a finite number, got 'high'"),
     (lambda d: (d / "results.json").write_text('[1, 2]'), r"results.json: expected an object with a `metrics`"),
+    (lambda d: (d / "results.json").write_text('{"metrics": {}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+     r"results.json: not a normlab results file \(nested too deeply\)"),
+    (lambda d: (d / "results.json").write_text('{"metrics": {"clean/acc": 0.5}, "timing": {"train": "fast"}}'),
+     r"results.json: timing.train: expected a finite number, got 'fast'"),
 ])
 def test_show_and_eval_refuse_a_corrupt_results_json_before_evaluating(finished, tmp_path, capsys, damage, pattern):
     _, ref = finished
@@ -122,6 +126,12 @@ def _epoch_dir(d):
      r"last.json: not a normlab checkpoint pointer"),
     (lambda d: (_epoch_dir(d) / "state.json").write_text('{"epoch": "two"}'),
      r"state.json: expected an object with an integer `epoch`"),
+    (lambda d: (_epoch_dir(d) / "state.json").write_text("[" * 100_000 + "]" * 100_000),
+     r"state.json: unreadable \(RecursionError"),
+    (lambda d: (_epoch_dir(d) / "state.json").write_text(json.dumps(
+        {**json.loads((_epoch_dir(d) / "state.json").read_text()),
+         "rng": {**json.loads((_epoch_dir(d) / "state.json").read_text())["rng"], "torch": "AAAA"}})),
+     r"state.json: wrong scheduler or RNG state \(RuntimeError"),
     (lambda d: (_epoch_dir(d) / "optimizer.safetensors").write_bytes(
         (_epoch_dir(d) / "optimizer.safetensors").read_bytes()[:100]),
      r"optimizer.safetensors: unreadable .*truncated or corrupt"),

@@ -174,7 +174,7 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer=None, sched
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise UsageError(f"{ckpt}/state.json: wrong scheduler or RNG state ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160]})") from None
     return state
@@ -195,7 +195,7 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Ten
 def _read_state(path: Path) -> dict:
     try:
         state = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UsageError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or not isinstance(state.get("rng"), dict):
         raise UsageError(f"{path}: expected an object with an integer `epoch` and an `rng` mapping")

@@ -55,7 +55,8 @@ class ModelConfig(Strict):
         "default", description="cifar: the small-input stem (3x3 stride-1 first conv, no max-pool) for 32 px "
                                "inputs, on timm ResNets, NF-ResNets and EfficientNets (newly initialised)")
     trainable: list[str] | None = Field(
-        None, description="train only parameters whose backbone name starts with one of these prefixes")
+        None, min_length=1, description="train only parameters whose backbone name starts with one of these "
+                                        "prefixes (at least one)")
     robustbench: RobustbenchModel | None = Field(
         None, description="a robustbench zoo model as the backbone instead of a timm model (name, pretrained and "
                           "kwargs then stay at their defaults; the model normalises its [0, 1] inputs itself)")
@@ -127,7 +128,7 @@ class TrainConfig(Strict):
         "cuda", description="the channels_last memory format of the model, its inputs and the attacks' folded "
                             "convolutions: cuda (on CUDA only), true (every device) or false; on CPU it is a "
                             "gain on some processors and a loss on others (benchmarks/README.md)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch CPU threads (default: torch's choice)")
     val_examples: int | None = Field(None, ge=1, description="test images scored after each epoch for the val_acc "
                                                              "curve: the first of the split's fixed random order "
                                                              "(default: the whole split)")
@@ -272,8 +273,9 @@ def safe_yaml(text: str | bytes, where: str) -> Any:
         except UnicodeDecodeError as e:
             line = text[:e.start].count(b"\n") + 1
             raise UsageError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} on line {line})") from None
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses control characters (a NUL byte) here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -288,7 +290,8 @@ def safe_yaml(text: str | bytes, where: str) -> Any:
     except RecursionError:  # aliases can chain anchors, each within the depth bound, into a deeper graph
         raise UsageError(f"{where}: invalid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: Path) -> dict:

@@ -242,10 +242,14 @@ def _image_folder(root: Path, source: str, image_size: int):
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UsageError(f"{source}: data.root: expected an ImageFolder tree with {root / split}/CLASS/*.jpg")
-    train = datasets.ImageFolder(root / "train", T.Compose(
-        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()]))
-    test = datasets.ImageFolder(root / "val", T.Compose(
-        [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor()]))
+    try:  # torchvision refuses a split without class folders or without images in them
+        train = datasets.ImageFolder(root / "train", T.Compose(
+            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()]))
+        test = datasets.ImageFolder(root / "val", T.Compose(
+            [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor()]))
+    except (FileNotFoundError, OSError) as e:
+        raise UsageError(f"{source}: data.root: expected an ImageFolder tree with {root}/train/CLASS/*.jpg and "
+                         f"{root}/val/CLASS/*.jpg ({str(e).splitlines()[0][:120]})") from None
     if train.classes != test.classes:
         raise UsageError(f"{source}: data.root: train/ and val/ under {root} have different classes")
     return train, test, len(train.classes)

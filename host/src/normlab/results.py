@@ -51,6 +51,8 @@ def read_json(path: Path, what: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not a normlab {what} file (nested too deeply)") from None
 
 
 def read_results(run_dir: str | Path, required: bool = True) -> dict:
@@ -73,6 +75,10 @@ def read_results(run_dir: str | Path, required: bool = True) -> dict:
     for section in ("records", "timing", "plugins", "cost"):
         if not isinstance(results.get(section, {}), dict):
             raise UsageError(f"{path}: {section}: expected a mapping")
+    for section in ("timing", "cost"):  # read back as numbers by `show` and `compare --cost`
+        for key, value in results.get(section, {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UsageError(f"{path}: {section}.{key}: expected a finite number, got {str(value)[:60]!r}")
     return results
 
 

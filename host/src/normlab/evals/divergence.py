@@ -23,7 +23,7 @@ from ..layers.split import split_points
 from ..plots import save
 from ..train import autocast
 from . import Evaluator
-from .settings import GENERATED, DivergenceConfig, StyleConfig
+from .settings import DivergenceConfig, StyleConfig
 from .style import generated_domain
 
 
@@ -97,10 +97,6 @@ def divergence(model, ctx, report, cfg: DivergenceConfig) -> None:
     for layer in layers:
         if layer not in known:
             raise UsageError(f"{run.source}: evaluate.divergence.layers: the backbone has no layer {layer!r}")
-    for d in cfg.domains:
-        if d not in GENERATED:
-            raise UsageError(f"{run.source}: evaluate.divergence.domains: unknown domain {d!r}; "
-                             f"choose from {', '.join(GENERATED)}")
     model.eval()
     clean = torch.cat([x for x, _ in run.data.loader("test", 1024, shuffle=False, n=cfg.n_examples)])
     ref = domain_stats(run, ctx, "clean", clean, layers, cfg.batch_size, run.domain_samples())

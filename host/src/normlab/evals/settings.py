@@ -230,11 +230,31 @@ class CorruptionsConfig(EvalSettings):
         return v
 
 
+def _generated(v: list[str] | None) -> list[str] | None:
+    unknown = [d for d in v or () if d not in GENERATED]
+    if unknown:
+        raise ValueError(f"unknown domain {unknown[0]!r}; generated domains are {', '.join(GENERATED)} "
+                         f"(ImageFolders go under evaluate.style.folders)")
+    return v
+
+
 class StyleConfig(EvalSettings):
     domains: list[str] | None = Field(
         None, description=f"generated domains among {GENERATED} (default: all three for mnist, none otherwise)")
     folders: dict[str, str] = Field(default_factory=dict, description="domain name -> ImageFolder directory")
     seed: int = Field(0, ge=0, description="seed of the generated domains")
+
+    _domains = field_validator("domains")(classmethod(lambda cls, v: _generated(v)))
+
+    @field_validator("folders")
+    @classmethod
+    def _folders_exist(cls, v: dict[str, str]) -> dict[str, str]:
+        import os
+
+        for name, path in v.items():
+            if not os.path.isdir(os.path.expanduser(path)):
+                raise ValueError(f"{name}: directory {path!r} does not exist")
+        return v
 
 
 class DivergenceConfig(EvalSettings):
@@ -243,6 +263,8 @@ class DivergenceConfig(EvalSettings):
                                description=f"generated style domains among {GENERATED}")
     layers: list[str] | None = Field(None, description="backbone layers (default: the stages, else every norm layer)")
     seed: int = Field(0, ge=0)
+
+    _domains = field_validator("domains")(classmethod(lambda cls, v: _generated(v)))
 
 
 # --- sweep --------------------------------------------------------------------

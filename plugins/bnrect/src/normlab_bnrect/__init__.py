@@ -294,12 +294,20 @@ def per_forward(model: nn.Module, cfg: Config):
 
 @hookimpl
 def on_model(model, run):
-    """Refuse ``n_samples`` above what each domain offers (the run's ``adapt_samples``), before training."""
+    """Refuse ``n_samples`` above what each domain offers (the run's ``adapt_samples``) and ``layers`` that
+    name no BN layer, before training."""
     cfg = run.plugin_config("bnrect")
     if not cfg.per_batch and cfg.n_samples > run.config.adapt_samples:
         raise UsageError(f"{run.source}: plugins.bnrect.n_samples: expected at most adapt_samples "
                          f"({run.config.adapt_samples}), the unlabeled samples each domain offers; got "
                          f"{cfg.n_samples} (raise adapt_samples at the top level of the run file)")
+    if cfg.layers is not None:
+        names = [n.removeprefix("backbone.") for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        unknown = [p for p in cfg.layers if not any(n.startswith(p) for n in names)]
+        if unknown:
+            raise UsageError(f"{run.source}: plugins.bnrect.layers: expected prefixes of the backbone's BN layer "
+                             f"names (e.g. {', '.join(names[:3])}); no BN layer starts with {unknown[0]!r}")
 
 
 @hookimpl
