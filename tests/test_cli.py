@@ -76,6 +76,8 @@ BAD = {
     "an ImageFolder without class folders": ("data: {name: imagefolder, root: EMPTY_TREE}",
                                              r"run.yaml: data.root: expected an ImageFolder tree with .*Couldn't find "
                                              r"any class folder"),
+    "a negative milestone": ("train: {schedule: step, milestones: [-1]}",
+                             r"run.yaml: train.milestones.0: Input should be greater than or equal to 1"),
     "unknown divergence domain": ("evaluate: {divergence: {domains: [sketch]}}",
                                   r"run.yaml: evaluate.divergence.domains: unknown domain 'sketch'"),
 }

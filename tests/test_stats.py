@@ -254,3 +254,17 @@ def test_run_yaml_records_provenance(two_seeds):
     head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a checkout (CI clones one)
         assert versions["git"].split("+")[0] == head.stdout.strip()
+
+
+def test_a_group_json_with_non_numeric_values_is_one_usage_error(tmp_path):
+    from normlab.errors import UsageError
+    from normlab.group import read_group
+
+    entry = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "values": ["a", "b"]}
+    (tmp_path / "group.json").write_text(json.dumps({"seeds": [0, 1], "metrics": {"clean/acc": entry}}))
+    with pytest.raises(UsageError, match=r"group.json: metrics.clean/acc: expected mean, ci_low, ci_high and one "
+                                         r"number per seed"):
+        read_group(tmp_path)
+    entry["values"] = [0.4, 0.6]
+    (tmp_path / "group.json").write_text(json.dumps({"seeds": [0, 1], "metrics": {"clean/acc": entry}}))
+    assert read_group(tmp_path)["metrics"]["clean/acc"]["values"] == [0.4, 0.6]

@@ -115,7 +115,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
-    milestones: list[int] = Field(default_factory=list, description="epochs at which `step` multiplies lr by gamma")
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="epochs at which `step` multiplies lr by gamma (each at least 1)")
     gamma: float = Field(0.1, gt=0, le=1)
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
     sync_bn: bool = Field(False, description="with several processes (torchrun), normalise every BN with the "

@@ -72,6 +72,8 @@ def read_group(group_dir: str | Path) -> dict:
         fields = ("mean", "ci_low", "ci_high")
         if not isinstance(m, dict) or not all(isinstance(m.get(f), (int, float)) and math.isfinite(m[f])
                                               for f in fields) \
-                or not isinstance(m.get("values"), list) or len(m["values"]) != len(seeds):
-            raise UsageError(f"{path}: metrics.{key}: expected mean, ci_low, ci_high and one value per seed")
+                or not isinstance(m.get("values"), list) or len(m["values"]) != len(seeds) \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in m["values"]):
+            raise UsageError(f"{path}: metrics.{key}: expected mean, ci_low, ci_high and one number per seed")
     return group
