@@ -369,6 +369,7 @@ def test_heat_map_is_written(trained):
     ({"corruptions": ["fog", "fog"]}, "each once"),
     ({"source": "imagenet"}, "source"),
     ({"colour": 1}, "colour"),
+    ({"source": "robustbench"}, r"evaluate.corruptions.source: robustbench has no corruption set for data 'mnist'"),
 ])
 def test_bad_settings_are_usage_errors(settings, message):
     cfg = parse_run({"evaluate": {"corruptions": settings}}, "run.yaml")

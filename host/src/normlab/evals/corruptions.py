@@ -556,6 +556,12 @@ def released_rows(run, n: int, total: int, ordered: bool) -> tuple[torch.Tensor,
 _RB_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "imagefolder": "ImageNet-C"}
 
 
+def _refuse_unreleased(name: str, where: str) -> None:
+    if name not in _RB_FOLDERS:
+        raise UsageError(f"{where}: robustbench has no corruption set for data {name!r} "
+                         f"(it has CIFAR-10-C, CIFAR-100-C, ImageNet-C); use source: generate")
+
+
 class _Robustbench:
     """The released corruption sets through robustbench's loaders (no download)."""
 
@@ -564,9 +570,7 @@ class _Robustbench:
 
         name = run.data.name
         where = f"{run.source}: evaluate.corruptions.source"
-        if name not in _RB_FOLDERS:
-            raise UsageError(f"{where}: robustbench has no corruption set for data {name!r} "
-                             f"(it has CIFAR-10-C, CIFAR-100-C, ImageNet-C); use source: generate")
+        _refuse_unreleased(name, where)
         bad = [c for c in cfg.corruptions if c not in COMMON]
         if bad:
             raise UsageError(f"{where}: the released sets hold only the 15 common corruptions, not {bad}")
@@ -715,6 +719,13 @@ def heatmap(acc: dict[tuple[str, int], float], names: Sequence[str], severities:
     return path
 
 
+def check(run, cfg: CorruptionsConfig) -> None:
+    """Before training: robustbench's released sets exist for CIFAR-10, CIFAR-100 and ImageNet only."""
+    if cfg.source == "robustbench":
+        _refuse_unreleased(run.config.data.name, f"{run.source}: evaluate.corruptions.source")
+
+
 EVALUATORS = [Evaluator("corruptions", corruptions,
                         "accuracy under the 15 ImageNet-C corruptions x 5 severities (generated once and cached, "
-                        "or robustbench's released sets); mean error, drop from clean, mCE for ImageNet-C")]
+                        "or robustbench's released sets); mean error, drop from clean, mCE for ImageNet-C",
+                        check=check)]
