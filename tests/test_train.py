@@ -194,3 +194,41 @@ def test_noise_plugin_adds_noise_of_the_right_scale():
     out = normlab_noise.on_batch(Batch(x.clone(), torch.zeros(64)), Context(run=FakeRun()))
     assert abs((out.x - 0.5).std().item() - 0.05) < 0.002
     assert out.x.min() >= 0 and out.x.max() <= 1
+
+
+def test_accumulated_steps_average_their_batches_including_a_short_last_group(tmp_path):
+    """accumulate: 3 over an epoch of 4 batches takes two optimizer steps, the mean gradient of batches
+    0-2, then batch 3's own (not a third of it): the classifier's weights equal a hand-written SGD loop
+    (only the classifier trains, so the frozen BNs are in eval mode and the batches are independent)."""
+    import torch.nn.functional as F
+
+    from normlab.config import parse_run
+    from normlab.runner import prepare
+
+    cfg = {"seed": 0, "model": {"name": "resnet18", "trainable": ["fc"]},
+           "data": {"name": "mnist", "batch_size": 16, "n_train": 64, "image_size": 16},
+           "train": {"epochs": 1, "optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0,
+                     "schedule": "constant", "warmup_epochs": 0, "accumulate": 3, "val_examples": 16},
+           "evaluate": {}}
+    trained = normlab.run(cfg, out=tmp_path / "run", quiet=True)
+    run = prepare(parse_run({**cfg, "train": {**cfg["train"], "epochs": 0}}, "run.yaml"), "run.yaml", quiet=True)
+    run.build()
+    model = run.model
+    run.trainable_parameters()
+    run.train_mode()
+    loader = run.data.loader("train", 16, seed=0, n=64, drop_last=True)
+    loader.sampler.set_epoch(0)
+    fc = model.backbone.fc
+    batches = [(x, y) for x, y in loader]
+    assert len(batches) == 4
+    for group in (batches[:3], batches[3:]):
+        grads = []
+        for x, y in group:
+            fc.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grads.append((fc.weight.grad.clone(), fc.bias.grad.clone()))
+        with torch.no_grad():
+            fc.weight -= 0.5 * sum(g for g, _ in grads) / len(group)
+            fc.bias -= 0.5 * sum(b for _, b in grads) / len(group)
+    torch.testing.assert_close(trained.model.backbone.fc.weight, fc.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained.model.backbone.fc.bias, fc.bias, rtol=1e-5, atol=1e-6)

@@ -338,8 +338,11 @@ def train(run, resume: bool = False) -> list[dict]:
             batch = as_batch(run, items)
             ctx = Context(run=run, training=True, epoch=epoch, step=global_step)
             count = _flop_counter() if "train/step_flops" not in run.cost else contextlib.nullcontext()
+            # the batches of this optimizer step: accumulate, or fewer in an epoch's last group, whose
+            # gradient is then their mean too
+            group = min(cfg.accumulate, len(loader) - i // cfg.accumulate * cfg.accumulate)
             with count:
-                batch, first, values = step_backward(run, batch, ctx, epoch, i, global_step, finite, cfg.accumulate)
+                batch, first, values = step_backward(run, batch, ctx, epoch, i, global_step, finite, group)
             for n, v in values.items():
                 sums[n] = sums.get(n, 0.0) + v
             if isinstance(count, FlopCount):
