@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from .errors import UsageError
-from .results import read_json, read_results, write_json_atomic
+from .results import is_number, read_json, read_results, write_json_atomic
 
 __all__ = ["GROUP_FILE", "GROUP_YAML", "is_group", "seed_dir", "summarize", "read_group"]
 
@@ -73,7 +73,6 @@ def read_group(group_dir: str | Path) -> dict:
         if not isinstance(m, dict) or not all(isinstance(m.get(f), (int, float)) and math.isfinite(m[f])
                                               for f in fields) \
                 or not isinstance(m.get("values"), list) or len(m["values"]) != len(seeds) \
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                           for v in m["values"]):
+                or not all(is_number(v) for v in m["values"]):
             raise UsageError(f"{path}: metrics.{key}: expected mean, ci_low, ci_high and one number per seed")
     return group

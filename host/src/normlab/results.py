@@ -43,6 +43,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool): what a metric, a timing or a cost holds."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_json(path: Path, what: str):
     """A normlab JSON file, bounded in size; one line naming the file when it is not JSON."""
     if path.stat().st_size > MAX_RESULTS_BYTES:
@@ -69,15 +74,12 @@ def read_results(run_dir: str | Path, required: bool = True) -> dict:
     results = read_json(path, "results")
     if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
         raise UsageError(f"{path}: expected an object with a `metrics` mapping")
-    for key, value in results["metrics"].items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UsageError(f"{path}: metrics.{key}: expected a finite number, got {str(value)[:60]!r}")
     for section in ("records", "timing", "plugins", "cost"):
         if not isinstance(results.get(section, {}), dict):
             raise UsageError(f"{path}: {section}: expected a mapping")
-    for section in ("timing", "cost"):  # read back as numbers by `show` and `compare --cost`
+    for section in ("metrics", "timing", "cost"):  # read back as numbers by `show`, `compare` (--cost)
         for key, value in results.get(section, {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_number(value):
                 raise UsageError(f"{path}: {section}.{key}: expected a finite number, got {str(value)[:60]!r}")
     return results
 

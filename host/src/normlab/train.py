@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import last_checkpoint, load_checkpoint, remove_partial, save_checkpoint
-from .results import write_text_atomic
+from .results import is_number, write_text_atomic
 from .config import _short
 from .context import Context
 from .data import Batch
@@ -179,7 +179,7 @@ def _epoch_hooks(run, epoch: int, row: dict) -> None:
     run.model.train(was_training)
     for key in set(row) - before:
         value = row[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise RunFailure(f"on_epoch: metrics[{key!r}] must be a finite number; got {_short(value)}")
         row[key] = float(value)
 
