@@ -89,6 +89,7 @@ def test_sync_batch_norm_on_cpu_is_batch_norm_over_the_global_batch(tmp_path):
 
 
 def torchrun(tmp_path, config, out, *args, nproc=2, **env):
+    """One torchrun launch of tests/dist_worker.py: a run file (``config`` a dict) or a list of jobs."""
     path = tmp_path / f"{Path(out).name}.json"
     path.write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -104,55 +105,86 @@ def max_difference(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def with_rankstate(config):
+    return {**copy.deepcopy(config), "plugins": {**config.get("plugins", {}), "rankstate": {}}}
+
+
+KILLER = {**copy.deepcopy(BASE), "train": {**BASE["train"], "epochs": 2}, "plugins": {"killer": {}, "rankstate": {}}}
+CONFIGS = {"plain": BASE, "oat": OAT, "oats": OATS, "advbn": ADVBN}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One torchrun launch of 2 processes that runs, one after another in the same processes: each of
+    CONFIGS with sync_bn, the plain one without it, the uninterrupted reference of the kill test, and last
+    a run whose rank 1 raises (which ends the launch). That the runs follow each other in one process
+    is itself checked: each joins its own process group (a second group in one process used to hang)."""
+    root = tmp_path_factory.mktemp("launched")
+    jobs = []
+    for name, config in CONFIGS.items():
+        (root / f"states-{name}").mkdir()
+        jobs.append({"config": with_rankstate(config), "out": str(root / name),
+                     "env": {"NORMLAB_TEST_STATE_DIR": str(root / f"states-{name}")}})
+    own = with_rankstate(BASE)
+    own["train"]["sync_bn"] = False
+    jobs += [{"config": own, "out": str(root / "own")}, {"config": KILLER, "out": str(root / "ref")},
+             {"config": KILLER, "out": str(root / "raise"), "env": {"NORMLAB_TEST_RAISE_RANK": "1"}}]
+    proc = torchrun(root, jobs, root / "jobs")
+    return root, proc
+
+
+def finished(root, name, proc):
+    assert (root / name / "results.json").is_file(), proc.stderr[-3000:]
+    return root / name
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [BASE, OAT, OATS, ADVBN], ids=["plain", "oat", "oats", "advbn"])
-def test_two_processes_with_sync_bn_train_the_weights_of_one_process(tmp_path, config):
-    cfg = {**copy.deepcopy(config), "plugins": {**config.get("plugins", {}), "rankstate": {}}}
-    states = tmp_path / "states"
-    states.mkdir()
-    proc = torchrun(tmp_path, cfg, tmp_path / "two", NORMLAB_TEST_STATE_DIR=str(states))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((states / f"rank-{r}.json").read_text()) for r in range(2)]
+@pytest.mark.xdist_group("torchrun")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_processes_with_sync_bn_train_the_weights_of_one_process(tmp_path, launched, name):
+    root, proc = launched
+    two = finished(root, name, proc)
+    config = CONFIGS[name]
+    ranks = [json.loads((root / f"states-{name}" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["model"] == ranks[1]["model"]  # weights, BN statistics and the OAT matrix, bit for bit
     assert ranks[0]["run_state"] == ranks[1]["run_state"] and [r["shard"] for r in ranks] == [[0, 2], [1, 2]]
     if config is ADVBN:  # the same split and routes on both ranks; AdvBN's f_adv uses each rank's own mean
         assert "advbn" in ranks[0]["run_state"]
         return
+    cfg = with_rankstate(config)
     one = normlab.run(cfg, out=tmp_path / "one", plugins={"rankstate": RankState()}, quiet=True)
-    diff = max_difference(weights(tmp_path / "one", 1), weights(tmp_path / "two", 1))
+    diff = max_difference(weights(tmp_path / "one", 1), weights(two, 1))
     # 2 steps: float rounding only (measured: plain 2e-6; OAT 9e-5, its clean BNs see 6 rows, at 1x1 in layer4,
     # statistics of few values whose rounding the next step amplifies; 3e-5 without the attack)
     assert diff < (2e-5 if config is OATS else 2e-4), diff
-    two = json.loads((tmp_path / "two" / "results.json").read_text())["metrics"]
-    assert abs(two["clean/acc"] - one.metrics["clean/acc"]) <= 1 / 64
+    metrics = json.loads((two / "results.json").read_text())["metrics"]
+    assert abs(metrics["clean/acc"] - one.metrics["clean/acc"]) <= 1 / 64
     if config is BASE:  # without sync_bn each process normalises with its own 16 rows: measurably different
-        cfg["train"]["sync_bn"] = False
-        proc = torchrun(tmp_path, cfg, tmp_path / "own")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert max_difference(weights(tmp_path / "one", 1), weights(tmp_path / "own", 1)) > 10 * diff
+        own = finished(root, "own", proc)
+        assert max_difference(weights(tmp_path / "one", 1), weights(own, 1)) > 10 * diff
 
 
 @pytest.mark.slow
-def test_a_failing_or_killed_rank_ends_the_run_with_exit_1_and_resume_matches_an_uninterrupted_run(tmp_path):
-    cfg = {**copy.deepcopy(BASE), "data": {**BASE["data"], "n_train": 64}, "train": {**BASE["train"], "epochs": 2},
-           "plugins": {"killer": {}, "rankstate": {}}}
-    ref = torchrun(tmp_path, cfg, tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    failed = torchrun(tmp_path, cfg, tmp_path / "raise", NORMLAB_TEST_RAISE_RANK="1")
-    assert failed.returncode == 1
+@pytest.mark.xdist_group("torchrun")
+def test_a_failing_or_killed_rank_ends_the_run_with_exit_1_and_resume_matches_an_uninterrupted_run(tmp_path,
+                                                                                                   launched):
+    root, failed = launched
+    ref = finished(root, "ref", failed)
+    assert failed.returncode == 1  # the launch's last run: its rank 1 raised
     assert "this rank fails on purpose" in failed.stderr and "rank      : 1" in failed.stderr
-    cut = torchrun(tmp_path, cfg, tmp_path / "cut", NORMLAB_TEST_KILL_AT="1:1", NORMLAB_TEST_KILL_RANK="1")
+    assert not (root / "raise" / "results.json").exists()
+    cut = torchrun(tmp_path, KILLER, tmp_path / "cut", NORMLAB_TEST_KILL_AT="1:1", NORMLAB_TEST_KILL_RANK="1")
     assert cut.returncode == 1 and "rank      : 1" in cut.stderr and "SIGKILL" in cut.stderr, cut.stderr[-3000:]
     assert json.loads((tmp_path / "cut" / "checkpoints" / "last.json").read_text())["epoch"] == 1
     assert not (tmp_path / "cut" / "results.json").exists()
-    resumed = torchrun(tmp_path, cfg, tmp_path / "cut", "--resume")
+    resumed = torchrun(tmp_path, KILLER, tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    read = lambda d: json.loads((tmp_path / d / "results.json").read_text())["metrics"]  # noqa: E731
-    assert read("cut") == read("ref")
+    read = lambda d: json.loads((d / "results.json").read_text())["metrics"]  # noqa: E731
+    assert read(tmp_path / "cut") == read(ref)
     rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
-                      for r in csv.DictReader((tmp_path / d / "metrics.csv").open())]
-    assert rows("cut") == rows("ref") and len(rows("ref")) == 2
-    assert max_difference(weights(tmp_path / "cut", 2), weights(tmp_path / "ref", 2)) == 0
+                      for r in csv.DictReader((d / "metrics.csv").open())]
+    assert rows(tmp_path / "cut") == rows(ref) and len(rows(ref)) == 2
+    assert max_difference(weights(tmp_path / "cut", 2), weights(ref, 2)) == 0
 
 
 @pytest.mark.slow

@@ -37,6 +37,9 @@ __all__ = ["launched", "init", "close", "rank", "world", "is_main", "all_reduce_
            "sync_batch_norms", "from_main", "mean_over_ranks", "sum_over_ranks"]
 
 
+_groups = 0  # process groups this process has joined (one per distributed run)
+
+
 def launched() -> bool:
     """Whether this process is one of several started by torchrun (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
@@ -62,8 +65,15 @@ def init(device: torch.device) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=int(os.environ.get("NORMLAB_DIST_TIMEOUT_MIN", "30"))))
+    global _groups
+    timeout = datetime.timedelta(minutes=int(os.environ.get("NORMLAB_DIST_TIMEOUT_MIN", "30")))
+    # torchrun's store outlives a process group, and a second default group would meet the first one's keys
+    # there (a run after another in one process hung in its rendezvous): each group gets its own key prefix
+    store, rank_, world_ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    _groups += 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(
+        f"normlab-{_groups}", store), rank=rank_, world_size=world_, timeout=timeout)
     return device
 
 
