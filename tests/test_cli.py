@@ -76,10 +76,34 @@ BAD = {
     "an ImageFolder without class folders": ("data: {name: imagefolder, root: EMPTY_TREE}",
                                              r"run.yaml: data.root: expected an ImageFolder tree with .*Couldn't find "
                                              r"any class folder"),
+    "milestones without the step schedule": ("train: {milestones: [2]}",
+                                             r"run.yaml: train.milestones: only schedule 'step' uses milestones "
+                                             r"\(schedule is 'cosine'\)"),
     "a negative milestone": ("train: {schedule: step, milestones: [-1]}",
                              r"run.yaml: train.milestones.0: Input should be greater than or equal to 1"),
     "unknown divergence domain": ("evaluate: {divergence: {domains: [sketch]}}",
                                   r"run.yaml: evaluate.divergence.domains: unknown domain 'sketch'"),
+    # refused after training before (2026-12-06): the layers need the built model, the folders exist or not
+    "divergence layers the backbone lacks": ("evaluate: {divergence: {layers: [layer1, layer9]}}",
+                                             r"run.yaml: evaluate.divergence.layers: the backbone has no layer "
+                                             r"'layer9' \(its top-level layers: conv1, bn1, act1, maxpool, layer1"),
+    "a corruption cache under a file": ("evaluate: {corruptions: {cache_dir: A_FILE/cache}}",
+                                        r"run.yaml: evaluate.corruptions.cache_dir: the generated sets are written "
+                                        r"and locked under .*a-file/cache, but .*a-file is not a writable directory"),
+    "a missing released-corruptions folder": ("evaluate: {corruptions: {source: robustbench, data_dir: /nonexistent/c}}",
+                                              r"run.yaml: evaluate.corruptions.data_dir: expected an existing "
+                                              r"directory \(got '/nonexistent/c'\)"),
+    "a missing robustbench data_dir": ("evaluate: {robustbench: {data_dir: /nonexistent/rb}}",
+                                       r"run.yaml: evaluate.robustbench.data_dir: expected an existing directory"),
+    # a model that cannot take the run's images: refused by one forward at build (was: the first step failed,
+    # after the run directory was written)
+    "in_chans that is not the data's channels": (
+        "model: {kwargs: {in_chans: 1}}", r"run.yaml: model.name: 'resnet18' cannot take this run's 3x32x32 images "
+                                          r"\(data.image_size, .*expected input\[2, 3, 32, 32\] to have 1 channels"),
+    "a ViT at another image size": (
+        "model: {name: vit_tiny_patch16_224}\ndata: {image_size: 32}",
+        r"run.yaml: model.name: 'vit_tiny_patch16_224' cannot take this run's 3x32x32 images .*Input height \(32\) "
+        r"doesn't match model \(224\)"),
 }
 
 
@@ -97,6 +121,9 @@ def test_bad_run_file_exits_2_with_one_line_and_no_run_dir(case, tmp_path, write
         for split in ("train", "val"):
             (tmp_path / "tree" / split).mkdir(parents=True)
         text = text.replace("EMPTY_TREE", str(tmp_path / "tree"))
+    if "A_FILE" in text:
+        (tmp_path / "a-file").write_text("")
+        text = text.replace("A_FILE", str(tmp_path / "a-file"))
     path = write_yaml(text)
     out_dir = tmp_path / "out"
     code, out, err = run_cli(["run", path, "--out", out_dir], capsys)

@@ -377,12 +377,15 @@ def test_bad_settings_are_usage_errors(settings, message):
         prepare(cfg, "run.yaml")
 
 
-def test_robustbench_source_without_the_data_is_a_clear_error(tmp_path, monkeypatch, mnist_run):
-    with pytest.raises(UsageError, match="robustbench has no corruption set for data 'mnist'"):
-        evaluate(mnist_run, {"source": "robustbench", "data_dir": str(tmp_path)})
-    monkeypatch.setattr(mnist_run.data, "name", "cifar10")
-    with pytest.raises(UsageError, match=r"CIFAR-10-C from .*lacks labels.npy, fog.npy.*normlab does not download"):
-        evaluate(mnist_run, {"source": "robustbench", "data_dir": str(tmp_path), "corruptions": ["fog"]})
+def test_robustbench_source_without_the_data_is_refused_before_training(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "labels.npy").write_bytes(b"")
+    cfg = parse_run({"data": {"name": "cifar10", "root": str(tmp_path)}, "evaluate": {"corruptions": {
+        "source": "robustbench", "data_dir": str(tmp_path), "corruptions": ["fog", "snow"]}}}, "run.yaml")
+    with pytest.raises(UsageError, match=r"run.yaml: evaluate.corruptions.source: 'robustbench' reads the released "
+                                         r"CIFAR-10-C from .*lacks labels.npy, fog.npy, snow.npy; .*normlab does not "
+                                         r"download"):
+        prepare(cfg, "run.yaml")
     assert not (tmp_path / "CIFAR-10-C").exists()  # robustbench was not asked (it would download)
 
 
@@ -497,14 +500,16 @@ def test_imagenet_c_through_robustbench_reports_ce_and_mce(tmp_path, monkeypatch
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / split / w / "x.png")
     for i in ids[:n]:
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "val" / i, "PNG")
+    for name in names:  # the folders first: a run whose released set is missing is refused before training
+        for s in range(1, 6):
+            for w in wnids:
+                (tmp_path / "rb" / "ImageNet-C" / name / str(s) / w).mkdir(parents=True)
     r = built_run({"source": "robustbench", "data_dir": str(tmp_path / "rb"), "corruptions": names,
                    "n_examples": n}, data={"name": "imagefolder", "root": str(tmp_path / "imgs")})
     test = r.data.test
     for name in names:
         for s in range(1, 6):
             top = tmp_path / "rb" / "ImageNet-C" / name / str(s)
-            for w in wnids:
-                (top / w).mkdir(parents=True)
             for i in ids[:n]:  # the val transform's output, saved as ImageNet-C saves its crops
                 crop = test.transform(Image.open(tmp_path / "imgs" / "val" / i).convert("RGB"))
                 Image.fromarray((crop * 255).round().byte().permute(1, 2, 0).numpy()).save(top / i, "PNG")

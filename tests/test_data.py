@@ -65,6 +65,10 @@ def test_cifar_offline_is_a_clear_usage_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(UsageError, match=r"data.root: could not find or download cifar10 under .*place the torchvision"):
         build_data(DataConfig(name="cifar10", root=str(tmp_path)), "run.yaml")
+    (tmp_path / "mine").write_text("")  # what was there stays; what the failed download made goes
+    with pytest.raises(UsageError, match="could not find or download cifar10"):
+        build_data(DataConfig(name="cifar10", root=str(tmp_path / "a" / "b")), "run.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_image_folder_trains_end_to_end(tmp_path):

@@ -286,6 +286,7 @@ def test_evaluator_rejects_a_dataset_with_other_classes(tmp_path):
 
 
 def test_corruptions_need_the_real_data(tmp_path):
+    (tmp_path / "none").mkdir()  # a data_dir that does not exist is refused by its settings
     with pytest.raises(UsageError, match=r"evaluate\.robustbench\.data_dir: threat_model 'corruptions' needs "
                                          r"robustbench's CIFAR-10-C under \S+ \(normlab does not download it"):
         normlab.run(small_run(threat_model="corruptions", dataset="cifar10", data_dir=str(tmp_path / "none"),

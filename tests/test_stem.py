@@ -84,3 +84,17 @@ def test_nf_keeps_the_cifar_stem_when_it_builds_timms_nf_counterpart(tmp_path):
     backbone = run.model.backbone
     assert type(backbone).__name__ == "NormFreeNet"
     assert stage_sizes(backbone, torch.rand(2, 3, 32, 32)) == [(32, 32), (16, 16), (8, 8), (4, 4)]
+
+
+def test_the_input_check_at_build_changes_no_state_and_refuses_a_stem_that_shrinks_the_input_to_nothing():
+    from normlab.model import check_input
+
+    model = timm.create_model("resnet18", num_classes=10, drop_rate=0.5).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_input(model, 3, 32, parse_run({}, "run.yaml").model, "run.yaml")
+    assert model.training and torch.equal(torch.get_rng_state(), rng)  # eval mode inside: no dropout draws
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN statistics included
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, stride=2))  # 4 px -> 1 -> nothing
+    with pytest.raises(UsageError, match=r"run.yaml: model.name: 'resnet18' cannot take this run's 3x4x4 images"):
+        check_input(tiny, 3, 4, parse_run({}, "run.yaml").model, "run.yaml")

@@ -134,6 +134,15 @@ class TrainConfig(Strict):
                                                              "curve: the first of the split's fixed random order "
                                                              "(default: the whole split)")
 
+    @field_validator("milestones")
+    @classmethod
+    def _step_only(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        schedule = info.data.get("schedule")
+        if v and schedule is not None and schedule != "step":  # a run that would silently not step its lr
+            raise ValueError(f"only schedule 'step' uses milestones (schedule is {schedule!r}); set "
+                             f"train.schedule: step or remove train.milestones")
+        return v
+
 
 class RunConfig(Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seeds stop at 2**32 - 1")

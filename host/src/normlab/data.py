@@ -12,9 +12,11 @@ split and its last 100 rows the test split (4,000 / 1,000 images).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -223,10 +225,18 @@ def _torchvision_cifar(name: str, root: Path, source: str, image_size: int):
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
     resize = [T.Resize(image_size)] if image_size != 32 else []
+    new_dirs = [p for p in (root, *root.parents) if not p.exists()]  # torchvision's download makes them
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
         train = cls(str(root), train=True, download=True, transform=T.Compose(resize + train_tf + [T.ToTensor()]))
         test = cls(str(root), train=False, download=True, transform=T.Compose(resize + [T.ToTensor()]))
     except Exception as e:  # torchvision raises URLError/RuntimeError offline
+        # nothing half-written: no empty data folder, no partial archive left behind
+        for path in (set(root.iterdir()) if root.is_dir() else set()) - before:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        for path in new_dirs:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
         raise UsageError(
             f"{source}: data.root: could not find or download {name} under {root} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); without a network, place the "

@@ -73,6 +73,28 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
     return small_input_stem(model, f"{source}: model.stem") if cfg.stem == "cifar" else model
 
 
+def check_input(model: nn.Module, channels: int, size: int, cfg: Any, source: str) -> None:
+    """Refuse, before anything is written, a model that cannot take the run's inputs.
+
+    One eval-mode, no-grad forward of two blank ``channels x size x size`` images (no parameter, BN
+    statistic or RNG state changes): a ``model.kwargs.in_chans`` that is not the data's channels, a ViT
+    whose ``img_size`` is not ``data.image_size``, a stem that shrinks the input to nothing. Without it the
+    first training step failed, after the run directory was written.
+    """
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, channels, size, size))
+    except Exception as e:  # any failure here is the run file's model against its own data
+        text = (str(e).strip().splitlines() or [""])[0][:240]
+        raise UsageError(f"{source}: model.name: {cfg.name!r} cannot take this run's {channels}x{size}x{size} "
+                         f"images (data.image_size, the data's channels, model.kwargs): {type(e).__name__}: "
+                         f"{text}") from None
+    finally:
+        model.train(was)
+
+
 def small_input_stem(model: nn.Module, where: str = "model.stem") -> nn.Module:
     """The CIFAR form of an ImageNet stem, in place: at 32 px, layer1..layer4 see 32/16/8/4 pixels.
 

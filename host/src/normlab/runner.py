@@ -33,8 +33,8 @@ from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .evals.settings import SETTINGS, validate_evaluators
 from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
-from .model import (NormlabNet, apply_norm_hooks, create_backbone, input_stats, load_state_file, load_weights,
-                    set_trainable, weights_mismatch)
+from .model import (NormlabNet, apply_norm_hooks, check_input, create_backbone, input_stats, load_state_file,
+                    load_weights, set_trainable, weights_mismatch)
 from .plots import training_curves
 from .results import read_results, write_json_atomic, write_outcomes, write_text_atomic
 from .train import train
@@ -179,6 +179,7 @@ class Run:
         self.data = build_data(cfg.data, self.source)
         backbone = create_backbone(cfg.model, self.data.num_classes, self.source)
         model = NormlabNet(backbone, *input_stats(cfg, self.data, self.source))
+        check_input(model, len(self.data.mean), self.data.image_size, cfg.model, self.source)
         init = load_state_file(cfg.model.checkpoint, self.source) if load_init and cfg.model.checkpoint else None
         if init is not None and weights_mismatch(model, init) is None:
             # weights of the plain backbone load before the plugins change it, so what plugins copy
@@ -196,6 +197,9 @@ class Run:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.trainable_parameters()  # validates model.trainable before anything is written
+        for name, settings in self.evaluators.items():  # settings that name parts of the model
+            if EVALUATORS[name].check_model is not None:
+                EVALUATORS[name].check_model(self, settings)
 
     def _install_feature_hooks(self) -> None:
         names = dict(self.model.backbone.named_modules())

@@ -135,13 +135,15 @@ class Evaluator:
 
     ``check(run, settings)``, when given, runs before anything is built or
     trained and raises UsageError for settings that depend on the run (a knob
-    no enabled plugin declares, ...).
+    no enabled plugin declares, ...). ``check_model(run, settings)`` runs once
+    the model is built, before the run directory is written, for settings that
+    name parts of the model (layers).
     """
 
     def __init__(self, name: str, fn: Callable[[Any, Context, Report, Any], None], doc: str,
-                 check: Callable[[Any, Any], None] | None = None):
+                 check: Callable[[Any, Any], None] | None = None, check_model: Callable[[Any, Any], None] | None = None):
         self.config: type[Strict] = SETTINGS[name]
-        self.name, self.fn, self.doc, self.check = name, fn, doc, check
+        self.name, self.fn, self.doc, self.check, self.check_model = name, fn, doc, check, check_model
 
 
 def test_loader(run, cfg: EvalSettings, shuffle: bool = False):

@@ -565,28 +565,11 @@ def _refuse_unreleased(name: str, where: str) -> None:
 class _Robustbench:
     """The released corruption sets through robustbench's loaders (no download)."""
 
-    def __init__(self, run, cfg: CorruptionsConfig):
-        from ..data import _default_root
-
-        name = run.data.name
-        where = f"{run.source}: evaluate.corruptions.source"
-        _refuse_unreleased(name, where)
-        bad = [c for c in cfg.corruptions if c not in COMMON]
-        if bad:
-            raise UsageError(f"{where}: the released sets hold only the 15 common corruptions, not {bad}")
-        self.data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else _default_root()
-        folder = self.data_dir / _RB_FOLDERS[name]
-        if name == "imagefolder":
-            missing = [f"{c}/{s}" for c in cfg.corruptions for s in cfg.severities if not (folder / c / str(s)).is_dir()]
-        else:
-            missing = [f"{c}.npy" for c in ["labels", *cfg.corruptions] if not (folder / f"{c}.npy").is_file()]
-        if missing:
-            raise UsageError(
-                f"{where}: 'robustbench' reads the released {_RB_FOLDERS[name]} from {folder}, which lacks "
-                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; place the data there (set "
-                f"evaluate.corruptions.data_dir or NORMLAB_DATA; normlab does not download it) or use source: generate")
+    def __init__(self, run, cfg: CorruptionsConfig):  # check() found the files before training
         from ..adapters.robustbench import import_robustbench
 
+        name = run.data.name
+        self.data_dir = _released_root(cfg)
         self.rb = import_robustbench()
         self.name, self.run = name, run
         cap = 5000 if name == "imagefolder" else 10_000  # load_imagenetc refuses more than 5,000
@@ -719,10 +702,39 @@ def heatmap(acc: dict[tuple[str, int], float], names: Sequence[str], severities:
     return path
 
 
+def _released_root(cfg: CorruptionsConfig) -> Path:
+    from ..data import _default_root
+
+    return Path(cfg.data_dir).expanduser() if cfg.data_dir else _default_root()
+
+
 def check(run, cfg: CorruptionsConfig) -> None:
-    """Before training: robustbench's released sets exist for CIFAR-10, CIFAR-100 and ImageNet only."""
-    if cfg.source == "robustbench":
-        _refuse_unreleased(run.config.data.name, f"{run.source}: evaluate.corruptions.source")
+    """Before training. Source robustbench: the released set exists for the run's data (CIFAR-10, CIFAR-100,
+    ImageNet) and its files are in place. Source generate: the cache can be written (it is created and
+    locked there even when everything is cached)."""
+    name, where = run.config.data.name, f"{run.source}: evaluate.corruptions.source"
+    if cfg.source == "generate":
+        root = Path(cfg.cache_dir or _default_cache()).expanduser()
+        there = next(p for p in [root, *root.parents] if p.exists())
+        if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+            raise UsageError(f"{run.source}: evaluate.corruptions.cache_dir: the generated sets are written and "
+                             f"locked under {root}, but {there} is not a writable directory; set cache_dir (or "
+                             f"NORMLAB_DATA) to one that is")
+        return
+    _refuse_unreleased(name, where)
+    bad = [c for c in cfg.corruptions if c not in COMMON]
+    if bad:
+        raise UsageError(f"{where}: the released sets hold only the 15 common corruptions, not {bad}")
+    folder = _released_root(cfg) / _RB_FOLDERS[name]
+    if name == "imagefolder":
+        missing = [f"{c}/{s}" for c in cfg.corruptions for s in cfg.severities if not (folder / c / str(s)).is_dir()]
+    else:
+        missing = [f"{c}.npy" for c in ["labels", *cfg.corruptions] if not (folder / f"{c}.npy").is_file()]
+    if missing:
+        raise UsageError(
+            f"{where}: 'robustbench' reads the released {_RB_FOLDERS[name]} from {folder}, which lacks "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; place the data there (set "
+            f"evaluate.corruptions.data_dir or NORMLAB_DATA; normlab does not download it) or use source: generate")
 
 
 EVALUATORS = [Evaluator("corruptions", corruptions,

@@ -90,13 +90,19 @@ def domain_stats(run, ctx, name: str, x: torch.Tensor, layers: list[str], batch_
     return {k: v.mean_var() for k, v in stats.items()}
 
 
+def check_model(run, cfg: DivergenceConfig) -> None:
+    """Once the model is built (before training): every named layer exists."""
+    known = dict(run.model.backbone.named_modules())
+    unknown = [layer for layer in cfg.layers or () if layer not in known]
+    if unknown:
+        tops = ", ".join(n for n in known if n and "." not in n)
+        raise UsageError(f"{run.source}: evaluate.divergence.layers: the backbone has no layer {unknown[0]!r} "
+                         f"(its top-level layers: {tops})")
+
+
 def divergence(model, ctx, report, cfg: DivergenceConfig) -> None:
     run = ctx.run
     layers = cfg.layers or default_layers(model.backbone)
-    known = dict(model.backbone.named_modules())
-    for layer in layers:
-        if layer not in known:
-            raise UsageError(f"{run.source}: evaluate.divergence.layers: the backbone has no layer {layer!r}")
     model.eval()
     clean = torch.cat([x for x, _ in run.data.loader("test", 1024, shuffle=False, n=cfg.n_examples)])
     ref = domain_stats(run, ctx, "clean", clean, layers, cfg.batch_size, run.domain_samples())
@@ -130,4 +136,5 @@ def plot(curves: dict[str, list[float]], layers: list[str], path):
 
 
 EVALUATORS = [Evaluator("divergence", divergence,
-                        "per-layer symmetric KL of per-channel feature statistics, clean vs shifted domains")]
+                        "per-layer symmetric KL of per-channel feature statistics, clean vs shifted domains",
+                        check_model=check_model)]

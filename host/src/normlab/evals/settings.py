@@ -35,6 +35,23 @@ KNOBS = ("lam", "width", "route")
 Norm = Literal["Linf", "L2"]
 
 
+def _is_dir(path: str) -> bool:
+    import os
+
+    return os.path.isdir(os.path.expanduser(path))
+
+
+def _existing_data_dir(cls, v: str | None) -> str | None:
+    """A typo in a data folder is refused before training, not met after it (or, for robustbench's
+    data_dir, silently replaced by the run's own test split)."""
+    if v is not None and not _is_dir(v):
+        raise ValueError("expected an existing directory")
+    return v
+
+
+_data_dir_exists = field_validator("data_dir")(classmethod(_existing_data_dir))
+
+
 class EvalSettings(Strict):
     """Settings every evaluator accepts."""
 
@@ -179,6 +196,7 @@ class RobustbenchEvalConfig(EvalSettings):
                           "backbone's dataset, else none: normlab's own test split)")
     data_dir: str | None = Field(None, description="robustbench's data_dir (default: the run's data.root, "
                                                    "else normlab's data folder, NORMLAB_DATA)")
+    _data_dir = _data_dir_exists
     version: Literal["standard", "fast"] = Field(
         "standard", description="AutoAttack version; benchmark() runs only standard, so fast always takes the "
                                 "equivalent path")
@@ -203,6 +221,7 @@ class CorruptionsConfig(EvalSettings):
     cache_dir: str | None = Field(None, description="generated sets (default $NORMLAB_DATA/corruptions)")
     data_dir: str | None = Field(None, description="source robustbench: the folder holding CIFAR-10-C/, "
                                                    "CIFAR-100-C/ or ImageNet-C/ (default $NORMLAB_DATA)")
+    _data_dir = _data_dir_exists
     workers: int | None = Field(None, ge=1, description="processes generating the cache (default: CPU count)")
     plot: bool = Field(True, description="write plots/corruptions.png into the run directory")
     regenerate: bool = Field(False, description="source generate: delete and rebuild the cached files this "
@@ -249,10 +268,8 @@ class StyleConfig(EvalSettings):
     @field_validator("folders")
     @classmethod
     def _folders_exist(cls, v: dict[str, str]) -> dict[str, str]:
-        import os
-
         for name, path in v.items():
-            if not os.path.isdir(os.path.expanduser(path)):
+            if not _is_dir(path):
                 raise ValueError(f"{name}: directory {path!r} does not exist")
         return v
 
