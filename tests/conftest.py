@@ -41,14 +41,34 @@ SMALL_TRAINED = {"seed": 0, "data": {"n_train": 1024, "batch_size": 64},
                  "evaluate": {"clean": {"n_examples": 200}}}
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(directory)`` once for the whole test session, however many xdist workers ask: the first makes it
+    under a file lock in the directory the workers share, the others wait for it and get the same directory."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-of-USER/pytest-N/, above each worker's popen-gwK/
+    out, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
+            make(out)
+            done.write_text("")
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_trained(tmp_path_factory):
     """resnet18 trained 2 epochs on 1,024 digits (SMALL_TRAINED), shared by the tests that need a model that
-    learned something. Read-only: a test that evaluates into a run directory copies it first
-    (:func:`copy_run`)."""
+    learned something: its run directory (``.dir``) and metrics (``.metrics``), made once for all workers.
+    Read-only: a test that evaluates into a run directory copies it first (:func:`copy_run`)."""
+    import json
+    import types
+
     import normlab
 
-    return normlab.run(SMALL_TRAINED, out=tmp_path_factory.mktemp("small_trained") / "run", quiet=True)
+    run_dir = made_once(tmp_path_factory, "small_trained", lambda d: normlab.run(SMALL_TRAINED, out=d, quiet=True))
+    return types.SimpleNamespace(dir=run_dir, metrics=json.loads((run_dir / "results.json").read_text())["metrics"])
 
 
 def copy_run(result, dest):

@@ -113,7 +113,7 @@ KILLER = {**copy.deepcopy(BASE), "train": {**BASE["train"], "epochs": 2}, "plugi
 CONFIGS = {"plain": BASE, "oat": OAT, "oats": OATS, "advbn": ADVBN}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # once: CI's --dist loadfile runs a module's tests in one worker, in a row
 def launched(tmp_path_factory):
     """One torchrun launch of 2 processes that runs, one after another in the same processes: each of
     CONFIGS with sync_bn, the plain one without it, the uninterrupted reference of the kill test, and last
@@ -139,7 +139,6 @@ def finished(root, name, proc):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("torchrun")
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_processes_with_sync_bn_train_the_weights_of_one_process(tmp_path, launched, name):
     root, proc = launched
@@ -165,7 +164,6 @@ def test_two_processes_with_sync_bn_train_the_weights_of_one_process(tmp_path, l
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("torchrun")
 def test_a_failing_or_killed_rank_ends_the_run_with_exit_1_and_resume_matches_an_uninterrupted_run(tmp_path,
                                                                                                    launched):
     root, failed = launched

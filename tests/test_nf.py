@@ -341,12 +341,13 @@ def test_registry_declares_the_conflicts(other):
 
 @pytest.mark.slow
 def test_a_converted_resnet18_trains_from_scratch(tmp_path):
-    cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 64, "n_train": 1600},
+    cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 64, "n_train": 1600,
+                                                           "image_size": 24},
            "train": {"val_examples": 100, "epochs": 2, "lr": 0.01, "warmup_epochs": 0.5, "label_smoothing": 0.1},
            "plugins": {"nf": {"calibrate": 64}}, "evaluate": {"clean": {}}}  # calibrate 0 (the default): 0.51
     result = normlab.run(cfg, out=tmp_path / "run", quiet=True)
     assert nf.norm_layers(result.model) == []
-    assert result.metrics["clean/acc"] >= 0.8  # on the 1,000 held-out digits
+    assert result.metrics["clean/acc"] >= 0.8  # on the 1,000 held-out digits (measured 0.863; at 32 px 0.892)
     rows = list(csv.DictReader((result.dir / "metrics.csv").open()))
     ratios = [float(r["nf/branch_ratio/mean"]) for r in rows]
     assert len(ratios) == 2 and 0.0 < ratios[0] and all(float(rows[-1][f"nf/branch_ratio/layer{i}.0"]) >= 0

@@ -303,7 +303,7 @@ def test_per_sample_lambda_with_trades_or_mean_is_bad_input(settings, key):
 
 @pytest.mark.slow
 def test_end_to_end_runs_reproduce_bitwise(tmp_path):
-    cfg = {"seed": 3, "data": {"n_train": 128, "batch_size": 64},
+    cfg = {"seed": 3, "data": {"n_train": 128, "batch_size": 64, "image_size": 16},
            "train": {"val_examples": 100, "epochs": 1, "lr": 0.05},
            "plugins": {"pgd": {"lam": 0.5, "eps": 0.2, "step_size": 0.1, "steps": 2}},
            "evaluate": {"clean": {"n_examples": 64}, "pgd": {"n_examples": 64, "eps": 0.2, "steps": 2}}}
