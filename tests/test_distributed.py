@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import normlab
+from normlab.errors import UsageError
 from conftest import TESTS, subprocess_env
 from normlab.data import EpochSampler
 from plugins_for_tests import RankState
@@ -186,7 +187,7 @@ def test_a_failing_or_killed_rank_ends_the_run_with_exit_1_and_resume_matches_an
 
 
 @pytest.mark.slow
-def test_normlab_run_nproc_is_torchrun_and_refuses_a_batch_that_does_not_split(tmp_path, write_yaml):
+def test_normlab_run_nproc_is_torchrun_and_refuses_a_batch_that_does_not_split(tmp_path, write_yaml, monkeypatch):
     path = write_yaml({**BASE, "data": {**BASE["data"], "batch_size": 30, "n_train": 60}})
     proc = subprocess.run([sys.executable, "-m", "normlab.cli", "run", str(path), "--nproc", "4", "--out",
                            str(tmp_path / "o"), "--quiet"], env=subprocess_env(), capture_output=True, text=True,
@@ -200,6 +201,10 @@ def test_normlab_run_nproc_is_torchrun_and_refuses_a_batch_that_does_not_split(t
                            "data.batch_size=32", "--out", str(tmp_path / "full")], env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "the directory exists and is not empty" in proc.stderr
-    proc = torchrun(tmp_path, {**BASE, "data": {**BASE["data"], "batch_size": 33, "n_train": 66}}, tmp_path / "t4",
-                    nproc=2)  # the same check inside a torchrun launch: every rank refuses, torchrun exits 1
-    assert proc.returncode == 1 and "data.batch_size: expected a multiple of the 2 processes" in proc.stderr
+    # the same check in each process of a torchrun launch (it reads WORLD_SIZE first): every rank refuses alike
+    # before it joins the process group or writes anything
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match="data.batch_size: expected a multiple of the 2 processes"):
+        normlab.run({**BASE, "data": {**BASE["data"], "batch_size": 33, "n_train": 66}}, out=tmp_path / "t4")
+    assert not (tmp_path / "t4").exists()

@@ -95,15 +95,18 @@ def test_non_finite_loss_stops_with_exit_1_naming_the_step(tiny_config, tmp_path
         normlab.run({**tiny_config, "plugins": {"nan": {}}}, out=tmp_path / "r", plugins={"nan": NaNAt()}, quiet=True)
 
 
-def test_cli_exit_1_names_the_plugin_that_raised(tiny_config, tmp_path, write_yaml):
+def test_cli_exit_1_names_the_plugin_that_raised(tiny_config, tmp_path, write_yaml, monkeypatch, capsys):
+    import normlab.cli as cli
+    import normlab.runner as runner
+    from plugins_for_tests import Raises
+
     path = write_yaml({**tiny_config, "plugins": ["raises"]})
-    script = ("import sys, normlab.runner as r, normlab.cli as c, plugins_for_tests as p; "
-              "orig = r.run; r.run = lambda *a, **k: orig(*a, plugins={'raises': p.Raises()}, **k); "
-              "c.precheck = lambda *a: None; "  # the pre-check knows installed plugins only
-              f"sys.exit(c.main(['run', {str(path)!r}, '--out', {str(tmp_path / 'o')!r}]))")
-    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert "normlab: run failed: plugin 'raises' failed in on_batch: RuntimeError: deliberate" in proc.stderr
+    orig = runner.run
+    monkeypatch.setattr(runner, "run", lambda *a, **k: orig(*a, plugins={"raises": Raises()}, **k))
+    monkeypatch.setattr(cli, "precheck", lambda *a: None)  # the pre-check knows installed plugins only
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "o")]) == 1  # the process's exit status
+    assert "normlab: run failed: plugin 'raises' failed in on_batch: RuntimeError: deliberate" in \
+        capsys.readouterr().err
 
 
 def test_every_hook_fires_in_order(tiny_config, tmp_path):
