@@ -4,7 +4,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
 It is ``normlab.run`` with the test plugins registered (killer, rankstate), which a run file cannot name.
-JOBS.json is a list of ``{"config": ..., "out": ..., "env": {...}}``: the runs one after another in the same
+JOBS.json is a list of ``{"config": ..., "out": ..., "env": {...}, "resume": false}``: the runs one after another in the same
 processes (each with its own process group), with ``env`` set for that run only. One launch for several
 runs saves the start of torchrun and of every process (seconds each on a slow machine).
 """
@@ -33,6 +33,6 @@ if __name__ == "__main__":
         spec = json.load(f)
     if isinstance(spec, list):
         for job in spec:
-            run(job["config"], job["out"], env=job.get("env"))
+            run(job["config"], job["out"], resume=job.get("resume", False), env=job.get("env"))
     else:
         run(spec, sys.argv[2], resume="--resume" in sys.argv[3:])

@@ -118,8 +118,9 @@ CONFIGS = {"plain": BASE, "oat": OAT, "oats": OATS, "advbn": ADVBN}
 def launched(tmp_path_factory):
     """One torchrun launch of 2 processes that runs, one after another in the same processes: each of
     CONFIGS with sync_bn, the plain one without it, the uninterrupted reference of the kill test, and last
-    a run whose rank 1 raises (which ends the launch). That the runs follow each other in one process
-    is itself checked: each joins its own process group (a second group in one process used to hang)."""
+    a run whose rank 1 is killed (SIGKILL) in its second epoch, which ends the launch. That the runs follow
+    each other in one process is itself checked: each joins its own process group (a second group in one
+    process used to hang)."""
     root = tmp_path_factory.mktemp("launched")
     jobs = []
     for name, config in CONFIGS.items():
@@ -129,7 +130,8 @@ def launched(tmp_path_factory):
     own = with_rankstate(BASE)
     own["train"]["sync_bn"] = False
     jobs += [{"config": own, "out": str(root / "own")}, {"config": KILLER, "out": str(root / "ref")},
-             {"config": KILLER, "out": str(root / "raise"), "env": {"NORMLAB_TEST_RAISE_RANK": "1"}}]
+             {"config": KILLER, "out": str(root / "cut"),
+              "env": {"NORMLAB_TEST_KILL_AT": "1:1", "NORMLAB_TEST_KILL_RANK": "1"}}]
     proc = torchrun(root, jobs, root / "jobs")
     return root, proc
 
@@ -167,23 +169,26 @@ def test_two_processes_with_sync_bn_train_the_weights_of_one_process(tmp_path, l
 @pytest.mark.slow
 def test_a_failing_or_killed_rank_ends_the_run_with_exit_1_and_resume_matches_an_uninterrupted_run(tmp_path,
                                                                                                    launched):
-    root, failed = launched
-    ref = finished(root, "ref", failed)
-    assert failed.returncode == 1  # the launch's last run: its rank 1 raised
+    root, cut_launch = launched
+    ref, cut = finished(root, "ref", cut_launch), root / "cut"
+    assert cut_launch.returncode == 1 and "rank      : 1" in cut_launch.stderr and "SIGKILL" in cut_launch.stderr, \
+        cut_launch.stderr[-3000:]
+    assert json.loads((cut / "checkpoints" / "last.json").read_text())["epoch"] == 1
+    assert not (cut / "results.json").exists()
+    # one more launch: the killed run resumed, then a run whose rank 1 raises (which ends the launch)
+    jobs = [{"config": KILLER, "out": str(cut), "resume": True},
+            {"config": KILLER, "out": str(tmp_path / "raise"), "env": {"NORMLAB_TEST_RAISE_RANK": "1"}}]
+    failed = torchrun(tmp_path, jobs, tmp_path / "jobs")
+    assert (cut / "results.json").is_file(), failed.stderr[-3000:]  # resumed before the failing run began
+    assert failed.returncode == 1
     assert "this rank fails on purpose" in failed.stderr and "rank      : 1" in failed.stderr
-    assert not (root / "raise" / "results.json").exists()
-    cut = torchrun(tmp_path, KILLER, tmp_path / "cut", NORMLAB_TEST_KILL_AT="1:1", NORMLAB_TEST_KILL_RANK="1")
-    assert cut.returncode == 1 and "rank      : 1" in cut.stderr and "SIGKILL" in cut.stderr, cut.stderr[-3000:]
-    assert json.loads((tmp_path / "cut" / "checkpoints" / "last.json").read_text())["epoch"] == 1
-    assert not (tmp_path / "cut" / "results.json").exists()
-    resumed = torchrun(tmp_path, KILLER, tmp_path / "cut", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (tmp_path / "raise" / "results.json").exists()
     read = lambda d: json.loads((d / "results.json").read_text())["metrics"]  # noqa: E731
-    assert read(tmp_path / "cut") == read(ref)
+    assert read(cut) == read(ref)
     rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
                       for r in csv.DictReader((d / "metrics.csv").open())]
-    assert rows(tmp_path / "cut") == rows(ref) and len(rows(ref)) == 2
-    assert max_difference(weights(tmp_path / "cut", 2), weights(ref, 2)) == 0
+    assert rows(cut) == rows(ref) and len(rows(ref)) == 2
+    assert max_difference(weights(cut, 2), weights(ref, 2)) == 0
 
 
 @pytest.mark.slow
