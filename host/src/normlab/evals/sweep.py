@@ -68,6 +68,22 @@ def check(run, cfg: SweepConfig) -> None:
                                  + (f" (declared: {', '.join(sorted(declared))})" if declared else ""))
     if cfg._parsed is None:
         nested_evaluators(cfg, run.source)
+    _nested_checks(run, cfg, "check")
+
+
+def check_model(run, cfg: SweepConfig) -> None:
+    """Once the model is built: the nested evaluators' own model checks (divergence's layers)."""
+    _nested_checks(run, cfg, "check_model")
+
+
+def _nested_checks(run, cfg: SweepConfig, which: str) -> None:
+    """Each nested evaluator's ``check`` or ``check_model``, as the host runs them for top-level evaluators."""
+    from . import EVALUATORS
+
+    for name, settings in cfg._parsed.items():
+        fn = getattr(EVALUATORS[name], which)
+        if fn is not None:
+            fn(run, settings)
 
 
 def knob_value(knob: str, value: Any) -> Any:
@@ -167,4 +183,4 @@ def plot(knob: str, rows: list[tuple[Any, str | None, dict]], path):
 
 
 EVALUATORS = [Evaluator("sweep", sweep, "chosen evaluators once per value of a test-time knob",
-                        check=check)]
+                        check=check, check_model=check_model)]
