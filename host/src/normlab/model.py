@@ -73,6 +73,11 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
     return small_input_stem(model, f"{source}: model.stem") if cfg.stem == "cifar" else model
 
 
+def top_level_layers(backbone: nn.Module) -> str:
+    """The backbone's top-level layer names, for errors about a layer it lacks."""
+    return ", ".join(name for name, _ in backbone.named_children())
+
+
 def check_input(model: nn.Module, channels: int, size: int, cfg: Any, source: str) -> None:
     """Refuse, before anything is written, a model that cannot take the run's inputs.
 

@@ -34,7 +34,7 @@ from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .evals.settings import SETTINGS, validate_evaluators
 from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
 from .model import (NormlabNet, apply_norm_hooks, check_input, create_backbone, input_stats, load_state_file,
-                    load_weights, set_trainable, weights_mismatch)
+                    load_weights, set_trainable, top_level_layers, weights_mismatch)
 from .plots import training_curves
 from .results import read_results, write_json_atomic, write_outcomes, write_text_atomic
 from .train import train
@@ -207,9 +207,9 @@ class Run:
             if layer not in names:
                 plugin, key = self._requested.get(layer, (None, None))
                 where = f"plugins.{plugin}" + (f".{key}" if key else "") if plugin else "a plugin"
-                tops = ", ".join(n for n in names if n and "." not in n)
                 raise UsageError(f"{self.source}: {where}: asked for backbone layer {layer!r}, which "
-                                 f"{self.config.model.name} lacks (its top-level layers: {tops})")
+                                 f"{self.config.model.name} lacks (its top-level layers: "
+                                 f"{top_level_layers(self.model.backbone)})")
             names[layer].register_forward_hook(_FeatureHook(layer, self.hooks))
 
     def versions(self) -> dict:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..layers.norm import iter_norms
 from ..layers.split import split_points
+from ..model import top_level_layers
 from ..plots import save
 from ..train import autocast
 from . import Evaluator
@@ -95,9 +96,8 @@ def check_model(run, cfg: DivergenceConfig) -> None:
     known = dict(run.model.backbone.named_modules())
     unknown = [layer for layer in cfg.layers or () if layer not in known]
     if unknown:
-        tops = ", ".join(n for n in known if n and "." not in n)
         raise UsageError(f"{run.source}: evaluate.divergence.layers: the backbone has no layer {unknown[0]!r} "
-                         f"(its top-level layers: {tops})")
+                         f"(its top-level layers: {top_level_layers(run.model.backbone)})")
 
 
 def divergence(model, ctx, report, cfg: DivergenceConfig) -> None:
