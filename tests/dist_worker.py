@@ -4,8 +4,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
 It is ``normlab.run`` with the test plugins registered (killer, rankstate), which a run file cannot name.
-JOBS.json is a list of ``{"config": ..., "out": ..., "env": {...}, "resume": false}``: the runs one after another in the same
-processes (each with its own process group), with ``env`` set for that run only. One launch for several
+JOBS.json is a list of ``{"config": ..., "out": ..., "env": {...}, "resume": false}``: the runs one after
+another in the same processes (each with its own process group), with ``env`` set for that run only. One launch for several
 runs saves the start of torchrun and of every process (seconds each on a slow machine).
 """
 
