@@ -5,8 +5,8 @@
 
 It is ``normlab.run`` with the test plugins registered (killer, rankstate), which a run file cannot name.
 JOBS.json is a list of ``{"config": ..., "out": ..., "env": {...}, "resume": false}``: the runs one after
-another in the same processes (each with its own process group), with ``env`` set for that run only. One launch for several
-runs saves the start of torchrun and of every process (seconds each on a slow machine).
+another in the same processes (each with its own process group), with ``env`` set for that run only. One
+launch for several runs saves the start of torchrun and of every process (seconds each on a slow machine).
 """
 
 import json

@@ -90,9 +90,9 @@ BAD = {
     "a corruption cache under a file": ("evaluate: {corruptions: {cache_dir: A_FILE/cache}}",
                                         r"run.yaml: evaluate.corruptions.cache_dir: the generated sets are written "
                                         r"and locked under .*a-file/cache, but .*a-file is not a writable directory"),
-    "a missing released-corruptions folder": ("evaluate: {corruptions: {source: robustbench, data_dir: /nonexistent/c}}",
-                                              r"run.yaml: evaluate.corruptions.data_dir: expected an existing "
-                                              r"directory \(got '/nonexistent/c'\)"),
+    "a missing released-corruptions folder": (
+        "evaluate: {corruptions: {source: robustbench, data_dir: /nonexistent/c}}",
+        r"run.yaml: evaluate.corruptions.data_dir: expected an existing directory \(got '/nonexistent/c'\)"),
     "a sweep's divergence layers the backbone lacks": (
         "plugins: {bnrect: {}}\nevaluate: {sweep: {knob: plugins.bnrect.n_samples, values: [8], "
         "evaluators: {divergence: {layers: [layer9]}}}}",

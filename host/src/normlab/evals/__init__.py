@@ -141,7 +141,8 @@ class Evaluator:
     """
 
     def __init__(self, name: str, fn: Callable[[Any, Context, Report, Any], None], doc: str,
-                 check: Callable[[Any, Any], None] | None = None, check_model: Callable[[Any, Any], None] | None = None):
+                 check: Callable[[Any, Any], None] | None = None,
+                 check_model: Callable[[Any, Any], None] | None = None):
         self.config: type[Strict] = SETTINGS[name]
         self.name, self.fn, self.doc, self.check, self.check_model = name, fn, doc, check, check_model
 
