@@ -96,11 +96,12 @@ BAD = {
     "a sweep's divergence layers the backbone lacks": (
         "plugins: {bnrect: {}}\nevaluate: {sweep: {knob: plugins.bnrect.n_samples, values: [8], "
         "evaluators: {divergence: {layers: [layer9]}}}}",
-        r"run.yaml: evaluate.divergence.layers: the backbone has no layer 'layer9'"),
+        r"run.yaml: evaluate.sweep.evaluators.divergence.layers: the backbone has no layer 'layer9'"),
     "a sweep's released corruptions for data without them": (
         "evaluate: {sweep: {knob: plugins.bnrect.n_samples, values: [8], evaluators: {corruptions: "
         "{source: robustbench}}}}\nplugins: {bnrect: {}}",
-        r"run.yaml: evaluate.corruptions.source: robustbench has no corruption set for data 'mnist'"),
+        r"run.yaml: evaluate.sweep.evaluators.corruptions.source: robustbench has no corruption set for data "
+        r"'mnist'"),
     "a missing robustbench data_dir": ("evaluate: {robustbench: {data_dir: /nonexistent/rb}}",
                                        r"run.yaml: evaluate.robustbench.data_dir: expected an existing directory"),
     # a model that cannot take the run's images: refused by one forward at build (was: the first step failed,

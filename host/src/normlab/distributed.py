@@ -178,7 +178,7 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
         layer = float(getattr(self, "layer_id", 0))  # the same on every rank: a mismatch shows in the sum
         extra = torch.tensor([float(x.numel() // max(x.shape[1], 1)), layer], dtype=x.dtype)
         total = all_reduce(torch.cat([x.sum(dims), extra]))
-        if float(total[-1]) != layer * world():
+        if float(total[-1].detach()) != layer * world():
             raise RuntimeError(f"train.sync_bn: the processes normalised different BN layers at once (this one is "
                                f"synchronised layer {int(layer)}): some code path ran a BN on one process only")
         n = total[-2]
