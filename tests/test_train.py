@@ -116,19 +116,19 @@ def test_every_hook_fires_in_order(tiny_config, tmp_path):
     calls = rec.calls
     assert calls[0] == "on_model"
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in res.model.modules())
-    assert sum(1 for c in calls if c[0] == "on_batch_norm") == n_bn == 20
+    assert sum(1 for c in calls if c[0] == "on_batch_norm") == n_bn == 15  # test_resnet: 3 in the stem, 9 in blocks, 3 downsample
     steps = 256 // 64
     assert calls.count("on_batch") == steps
     assert [c for c in calls if c[0] == "on_loss"] == [("on_loss", ("ce",))] * steps
     feats = [c for c in calls if c[0] == "on_feature"]
-    side = tiny_config["data"]["image_size"] // 4  # resnet18's layer1 is at stride 4
-    assert feats[0] == ("on_feature", "layer1", (64, 64, side, side))
+    side = tiny_config["data"]["image_size"] // 4  # test_resnet's layer1: 32 channels at stride 4
+    assert feats[0] == ("on_feature", "layer1", (64, 32, side, side))
     # the clean evaluator's domain is the last one (the epoch's validation entered "clean" before);
     # its samples are the run's adapt_samples (128), whatever the evaluator's n_examples
     i_dom = len(calls) - 1 - calls[::-1].index(("on_domain", "clean", 128))
     assert calls.count(("on_domain", "clean", 128)) == 2
     # the clean evaluation (one batch of 200, features included) runs between adaptation and restore
-    assert calls[i_dom + 1] == ("on_feature", "layer1", (200, 64, side, side))
+    assert calls[i_dom + 1] == ("on_feature", "layer1", (200, 32, side, side))
     assert calls[i_dom + 2] == ("restore", "clean") and calls[-1] == "on_eval"
     assert res.metrics["recorder/seen"] == 1.0
 
@@ -139,7 +139,7 @@ def test_trainable_prefixes_freeze_the_rest(tiny_config, tmp_path):
     torch.manual_seed(tiny_config["seed"])
     import timm
 
-    fresh = timm.create_model("resnet18", num_classes=10)
+    fresh = timm.create_model(tiny_config["model"]["name"], num_classes=10)
     trained = res.model.backbone.state_dict()
     for name, p in fresh.named_parameters():
         same = torch.equal(p, trained[name])
@@ -152,7 +152,7 @@ def test_trainable_prefixes_freeze_the_rest(tiny_config, tmp_path):
 
 def test_init_from_another_run_and_from_a_timm_state_dict(tiny_config, tmp_path):
     base = normlab.run(tiny_config, out=tmp_path / "base", quiet=True)
-    cfg = {**tiny_config, "model": {"name": "resnet18", "checkpoint": str(base.dir)},
+    cfg = {**tiny_config, "model": {**tiny_config["model"], "checkpoint": str(base.dir)},
            "train": {**tiny_config["train"], "epochs": 0}}
     again = normlab.run(cfg, out=tmp_path / "again", quiet=True)
     assert again.metrics["clean/acc"] == base.metrics["clean/acc"]
