@@ -159,8 +159,8 @@ def test_on_choices_gives_each_route_only_for_auto_and_a_fixed_route_is_kept():
 
 # --- end to end on a trained model -------------------------------------------------------------------------
 
-ATTACKS = "evaluate={pgd: {adapt: both, n_examples: 64, eps: 0.12, steps: 5}, " \
-          "apgd: {adapt: both, n_examples: 48, eps: 0.12, steps: 4}}"
+ATTACKS = "evaluate={pgd: {adapt: both, n_examples: 64, eps: 0.03, steps: 5}, " \
+          "apgd: {adapt: both, n_examples: 48, eps: 0.03, steps: 4}}"
 
 
 @pytest.fixture(scope="module")

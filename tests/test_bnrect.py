@@ -302,7 +302,7 @@ def test_end_to_end_acc_and_acc_star_on_style_domains(small_trained, tmp_path):
         assert f"style/{d}/acc" in m and f"bnrect/style/{d}/acc" in m
     assert m["style/acc"] == base.metrics["style/acc"]  # the unadapted numbers are kept
     rec = results["records"]["bnrect/bnrect"]["domains"]
-    assert rec["style/invert"] == {"n_samples": 32, "bn_layers": 20} and "clean" not in rec
+    assert rec["style/invert"] == {"n_samples": 32, "bn_layers": 15} and "clean" not in rec  # test_resnet's 15
     assert m["bnrect/clean/acc"] == m["clean/acc"]  # the source domain is not adapted by default
     # re-estimating statistics on the inverted digits recovers accuracy the source statistics lose
     assert m["bnrect/style/invert/acc"] > m["style/invert/acc"]

@@ -9,7 +9,7 @@ import normlab
 from normlab.cli import main
 from normlab.evals.divergence import ChannelStats, symmetric_kl
 from normlab.evals.style import color, invert, texture
-from conftest import copy_run
+from conftest import TINY_MODEL, copy_run
 from plugins_for_tests import FlipAtHighLam
 
 
@@ -123,7 +123,8 @@ def test_divergence_equals_a_hand_computation_at_one_layer(trained):
 
 
 def test_sweep_over_a_declared_knob(trained, tmp_path):
-    cfg = {"seed": 0, "model": {"checkpoint": str(trained.dir)}, "data": {"n_train": 64}, "train": {"epochs": 0},
+    cfg = {"seed": 0, "model": {"name": TINY_MODEL, "checkpoint": str(trained.dir)}, "data": {"n_train": 64},
+           "train": {"epochs": 0},
            "plugins": ["flip"],
            "evaluate": {"clean": {"n_examples": 200},
                         "sweep": {"knob": "lam", "values": [0, 0.25, 1], "evaluators": {"clean": {"n_examples": 200}}}}}
