@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import normlab
 from normlab import hookimpl
 from normlab.data import fixed_order
+from conftest import TINY_MODEL
 
 
 class Keep:
@@ -34,7 +35,7 @@ class Keep:
 def _config(tmp, n: int, batch: int) -> dict:
     few = {"n_examples": n, "batch_size": batch}
     return {
-        "seed": 0, "adapt_samples": 32, "model": {"name": "resnet18"},
+        "seed": 0, "adapt_samples": 32, "model": {"name": TINY_MODEL},
         "data": {"name": "mnist", "image_size": 16, "batch_size": 16},
         "train": {"epochs": 0},
         "plugins": {"keep": {}},

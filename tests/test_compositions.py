@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import normlab
+from conftest import TINY_MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # torch threads restored after
 
 
 def tiny(plugins, evaluate=None, **train):
-    return {"seed": 0, "model": {"name": "resnet18"}, "data": {"n_train": 128, "batch_size": 64},
+    return {"seed": 0, "model": {"name": TINY_MODEL}, "data": {"n_train": 128, "batch_size": 64},
             "train": {"val_examples": 100, "epochs": 1, "lr": 0.02, "warmup_epochs": 0, **train}, "plugins": plugins,
             "evaluate": evaluate if evaluate is not None else {"clean": {"n_examples": 64}}}
 

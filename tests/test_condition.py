@@ -20,6 +20,7 @@ from normlab.data import Batch
 from normlab.errors import UsageError
 from normlab.layers import FiLM, NormAct, RoutedNorm, map_norms
 from normlab_registry import PluginSpec, ResolutionError, resolve
+from conftest import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -458,7 +459,7 @@ class StubPGD:
 @pytest.mark.slow
 def test_host_run_checkpoint_holds_the_matrix_and_eval_reloads_it(tmp_path):
     stub = StubPGD()
-    cfg = {"seed": 3, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 32, "n_train": 64},
+    cfg = {"seed": 3, "model": {"name": TINY_MODEL}, "data": {"name": "mnist", "batch_size": 32, "n_train": 64},
            "train": {"val_examples": 100, "epochs": 1, "lr": 0.05}, "plugins": {"condition": {}, "pgd": {}},
            "evaluate": {"clean": {"n_examples": 64}}}
     res = normlab.run(cfg, out=tmp_path / "run", plugins={"pgd": stub}, quiet=True)
@@ -477,7 +478,7 @@ def test_host_run_checkpoint_holds_the_matrix_and_eval_reloads_it(tmp_path):
 @pytest.mark.slow
 def test_oat_with_the_real_pgd_plugin_trains_and_sweeps_lam(tmp_path):
     pytest.importorskip("normlab_pgd")
-    cfg = {"seed": 0, "model": {"name": "resnet18"}, "data": {"name": "mnist", "batch_size": 64, "n_train": 128},
+    cfg = {"seed": 0, "model": {"name": TINY_MODEL}, "data": {"name": "mnist", "batch_size": 64, "n_train": 128},
            "train": {"val_examples": 100, "epochs": 1, "lr": 0.05},
            "plugins": {"condition": {}, "pgd": {"eps": 0.2, "step_size": 0.1, "steps": 2}},
            "evaluate": {"sweep": {"knob": "lam", "values": [0.0, 0.05, 1.0],

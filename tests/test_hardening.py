@@ -13,6 +13,7 @@ from normlab import hookimpl
 from normlab.cli import main
 from normlab.errors import RunFailure
 from normlab.runner import LOCK, _try_lock
+from conftest import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +40,7 @@ class InterruptAt:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished tiny run (2 epochs of 4 steps) and its config."""
-    cfg = {"seed": 1, "model": {"name": "resnet18"},
+    cfg = {"seed": 1, "model": {"name": TINY_MODEL},
            "train": {"val_examples": 100, "epochs": 2, "lr": 0.05, "threads": 1},
            "data": {"name": "mnist", "batch_size": 64, "n_train": 256, "image_size": 16},
            "evaluate": {"clean": {"n_examples": 200}}}
@@ -163,7 +164,7 @@ def test_weights_that_do_not_fit_name_the_tensors_and_shapes(finished, tmp_path)
     save_file(state, str(path))
     with pytest.raises(UsageError, match=r"model.safetensors: does not fit the model built from run.yaml: "
                        r"1 missing \(e.g. backbone.bn1.running_mean\); 1 of the wrong shape, saved vs model "
-                       r"\(e.g. backbone.fc.weight \(5, 512\) vs \(10, 512\)\)"):
+                       r"\(e.g. backbone.fc.weight \(5, 96\) vs \(10, 96\)\)"):
         normlab.run(d / "run.yaml", out=d, resume=True, overrides=["train.epochs=3"], quiet=True)
 
 

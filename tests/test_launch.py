@@ -5,8 +5,9 @@ import json
 import pytest
 
 from normlab.cli import main
+from conftest import TINY_MODEL
 
-TINY = {"seed": 0, "model": {"name": "resnet18"}, "data": {"batch_size": 32, "n_train": 32, "image_size": 16},
+TINY = {"seed": 0, "model": {"name": TINY_MODEL}, "data": {"batch_size": 32, "n_train": 32, "image_size": 16},
         "train": {"epochs": 1, "lr": 0.05, "val_examples": 16}, "evaluate": {"clean": {"n_examples": 32}}}
 
 

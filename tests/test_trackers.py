@@ -8,6 +8,7 @@ import json
 import pytest
 
 import normlab
+from conftest import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = {"seed": 0, "model": {"name": "resnet18"},
+    cfg = {"seed": 0, "model": {"name": TINY_MODEL},
            "data": {"name": "mnist", "batch_size": 64, "n_train": 128, "image_size": 16},
            "train": {"val_examples": 100, "epochs": 2, "lr": 0.05},
            "plugins": {"tensorboard": {}, "mlflow": {}},
