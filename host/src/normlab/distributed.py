@@ -79,6 +79,7 @@ def init(device: torch.device) -> torch.device:
 
 def close() -> None:
     """Leave the process group (after training: evaluation then runs on rank 0 alone, without collectives)."""
+    _FLAT.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -108,7 +109,8 @@ def all_reduce_gradients(params: list[nn.Parameter]) -> None:
     for dtype in {p.dtype for p in used}:
         group = [p for p in used if p.dtype == dtype]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = _flat_buffer(dtype, device, sum(g.numel() for g in grads))
+        torch.cat([g.reshape(-1) for g in grads], out=flat)
         dist.all_reduce(flat)
         flat /= n
         offset = 0
@@ -118,6 +120,18 @@ def all_reduce_gradients(params: list[nn.Parameter]) -> None:
                 p.grad = g
             p.grad.copy_(flat[offset: offset + k].view_as(p))  # in place: the gradient keeps its layout
             offset += k
+
+
+_FLAT: dict = {}
+
+
+def _flat_buffer(dtype: torch.dtype, device: torch.device, numel: int) -> torch.Tensor:
+    """The all-reduce's flat gradient buffer, kept from step to step (a fresh 45 MB buffer per step cost
+    resnet18 28 ms on one CPU thread in page faults, against 5 ms to fill a kept one)."""
+    buf = _FLAT.get((dtype, device))
+    if buf is None or buf.numel() != numel:
+        buf = _FLAT[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
 
 
 def _comm_device() -> torch.device:
