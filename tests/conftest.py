@@ -24,9 +24,9 @@ def one_thread():
 
 
 # timm's own model for tests: a ResNet (a deep 3x3 stem, layer1..layer4 of one block each, BasicBlocks and a
-# Bottleneck in layer3, 32-192 channels, 15 BNs, 374k parameters), about 9x less work per step than resnet18 and 30x smaller checkpoints. Tests of the
-# host's bookkeeping use it; tests of a method on the architecture its paper used, and of resnet18's own numbers,
-# name their model.
+# Bottleneck in layer3, 32-192 channels, 15 BNs, 374k parameters): a training step of 64 images at 16 px takes
+# 15 ms against resnet18's 131 ms (one thread), its checkpoints are 30x smaller. Tests of the host's bookkeeping
+# use it; tests of a method on the architecture its paper used, and of resnet18's own numbers, name their model.
 TINY_MODEL = "test_resnet"
 
 
@@ -66,8 +66,9 @@ def made_once(tmp_path_factory, name: str, make) -> Path:
 
 @pytest.fixture(scope="session")
 def small_trained(tmp_path_factory):
-    """TINY_MODEL trained 3 epochs on 1,024 digits at 32 px (SMALL_TRAINED: clean accuracy 0.91), shared by the tests that need a model that
-    learned something: its run directory (``.dir``) and metrics (``.metrics``), made once for all workers.
+    """TINY_MODEL trained 3 epochs on 1,024 digits at 32 px (SMALL_TRAINED: clean accuracy 0.91), shared by the
+    tests that need a model that learned something: its run directory (``.dir``) and metrics (``.metrics``),
+    made once for all workers.
     Read-only: a test that evaluates into a run directory copies it first (:func:`copy_run`)."""
     import json
     import types

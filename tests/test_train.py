@@ -116,7 +116,8 @@ def test_every_hook_fires_in_order(tiny_config, tmp_path):
     calls = rec.calls
     assert calls[0] == "on_model"
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in res.model.modules())
-    assert sum(1 for c in calls if c[0] == "on_batch_norm") == n_bn == 15  # test_resnet: 3 in the stem, 9 in blocks, 3 downsample
+    # test_resnet: 3 BNs in the stem, 9 in the blocks, 3 in the downsample paths
+    assert sum(1 for c in calls if c[0] == "on_batch_norm") == n_bn == 15
     steps = 256 // 64
     assert calls.count("on_batch") == steps
     assert [c for c in calls if c[0] == "on_loss"] == [("on_loss", ("ce",))] * steps
