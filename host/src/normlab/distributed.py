@@ -38,6 +38,7 @@ __all__ = ["launched", "init", "close", "rank", "world", "is_main", "all_reduce_
 
 
 _groups = 0  # process groups this process has joined (one per distributed run)
+_FLAT: dict = {}  # (dtype, device) -> the gradient all-reduce's flat buffer, emptied when the group closes
 
 
 def launched() -> bool:
@@ -120,9 +121,6 @@ def all_reduce_gradients(params: list[nn.Parameter]) -> None:
                 p.grad = g
             p.grad.copy_(flat[offset: offset + k].view_as(p))  # in place: the gradient keeps its layout
             offset += k
-
-
-_FLAT: dict = {}
 
 
 def _flat_buffer(dtype: torch.dtype, device: torch.device, numel: int) -> torch.Tensor:
