@@ -145,6 +145,27 @@ def test_sweep_of_an_undeclared_knob_is_refused_before_training(tmp_path, write_
     assert "evaluate.sweep: knob must be one of" in capsys.readouterr().err
 
 
+def test_settings_name_their_own_key_in_what_an_evaluator_refuses_at_run_time():
+    """An evaluator's message names the key its settings sit under: a sweep's nested style evaluator on data with
+    no generated domains says evaluate.sweep.evaluators.style, the top-level one evaluate.style."""
+    from types import SimpleNamespace
+
+    from normlab.errors import UsageError
+    from normlab.evals.settings import StyleConfig, validate_evaluators
+    from normlab.evals.style import style
+
+    evaluators = validate_evaluators({"style": {}, "sweep": {"knob": "lam", "values": [0],
+                                                            "evaluators": {"style": {}}}}, "run.yaml")
+    nested = evaluators["sweep"]._parsed["style"]
+    assert (evaluators["style"].key, nested.key) == ("evaluate.style", "evaluate.sweep.evaluators.style")
+    assert StyleConfig().key == "evaluate.style"  # settings made in code: the evaluator's top-level key
+    assert nested.model_copy().key == nested.key
+    ctx = SimpleNamespace(run=SimpleNamespace(source="run.yaml", data=SimpleNamespace(name="cifar10")))
+    for cfg in (evaluators["style"], nested):
+        with pytest.raises(UsageError, match=rf"^run.yaml: {cfg.key}: no domains: "):
+            style(None, ctx, None, cfg)
+
+
 def test_sweep_over_plugin_settings_equals_separate_evaluations(trained):
     style = {"n_examples": 200, "domains": ["invert"]}
     sweep = {"knob": "plugins.bnrect", "values": [{"n_samples": 4}, {"adapt": "mean"}],

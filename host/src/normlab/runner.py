@@ -31,7 +31,7 @@ from .context import Context
 from .data import DataBundle, build_data, fingerprint, fixed_order, take
 from .errors import RunFailure, UsageError
 from .evals import EVALUATORS, BuiltinEvaluators, Report
-from .evals.settings import SETTINGS, validate_evaluators
+from .evals.settings import SETTINGS, validate, validate_evaluators
 from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
 from .model import (NormlabNet, apply_norm_hooks, check_input, create_backbone, input_stats, load_state_file,
                     load_weights, set_trainable, top_level_layers, weights_mismatch)
@@ -415,7 +415,7 @@ def _canonical(run: Run, raw: dict, source: str) -> dict:
             plugins[name] = _dump(validate_section(model, settings, source, f"plugins.{name}"))
     for name, settings in (out.get("evaluate") or {}).items():
         if name in SETTINGS:
-            out["evaluate"][name] = _dump(validate_section(SETTINGS[name], settings, source, f"evaluate.{name}"))
+            out["evaluate"][name] = _dump(validate(name, settings, source, f"evaluate.{name}"))
     return out
 
 

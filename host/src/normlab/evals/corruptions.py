@@ -318,9 +318,10 @@ class CorruptionCache:
         del arr
         return h.hexdigest()
 
-    def verify(self, names: Sequence[str]) -> dict[str, str]:
+    def verify(self, names: Sequence[str], setting: str = "evaluate.corruptions") -> dict[str, str]:
         """Check ``clean`` and each named file against the sha256 meta.json recorded when its rows were
-        written; return the digests. A mismatch (the file changed since) is a UsageError naming the file."""
+        written; return the digests. A mismatch (the file changed since) is a UsageError naming the file
+        and the evaluator's ``regenerate`` under ``setting``."""
         meta = self.meta()
         out = {}
         for name in ["clean", *names]:
@@ -331,7 +332,7 @@ class CorruptionCache:
                 path = self.root / "clean.npy" if name == "clean" else self.dir / f"{name}.npy"
                 raise UsageError(f"{path}: its first {filled} rows no longer match the sha256 that {self.root}/"
                                  f"meta.json recorded when they were written (the file was changed); rebuild it "
-                                 f"with --set evaluate.corruptions.regenerate=true")
+                                 f"with --set {setting}.regenerate=true")
             out[name] = digest
         if any(name not in meta.get("sha256", {}) for name in out):  # a cache from before hashes: record them
             with _locked(self.root / ".lock"):
@@ -526,7 +527,7 @@ class _Generated:
         self.positions = torch.from_numpy(np.load(self.cache.root / "index.npy")[: self.k])
         meta = self.cache.meta()
         self.provenance = {"cache": str(self.cache.root), "imagecorruptions": meta.get("imagecorruptions"),
-                           "sha256": self.cache.verify(cfg.corruptions)}
+                           "sha256": self.cache.verify(cfg.corruptions, cfg.key)}
 
     def clean(self):
         """(images, labels) evaluated, and (images, positions) to adapt on, of the clean domain."""
@@ -571,7 +572,7 @@ class _Robustbench:
         name = run.data.name
         self.data_dir = _released_root(cfg)
         self.rb = import_robustbench()
-        self.name, self.run = name, run
+        self.name, self.run, self.key = name, run, cfg.key
         cap = 5000 if name == "imagefolder" else 10_000  # load_imagenetc refuses more than 5,000
         self.n = min(cfg.n_examples or cap, cap, len(run.data.test))
         if cfg.n_examples and cfg.n_examples > self.n:
@@ -618,7 +619,7 @@ class _Robustbench:
         x, y = loader(self.rows, severity, str(self.data_dir), shuffle=False, corruptions=[name])
         y = y.long()
         if self._clean_labels is not None and not torch.equal(y, self._clean_labels[: len(y)]):
-            raise UsageError(f"{self.run.source}: evaluate.corruptions: the labels of {name} severity {severity} "
+            raise UsageError(f"{self.run.source}: {self.key}: the labels of {name} severity {severity} "
                              f"under {self.data_dir} do not match the run's test split: not the same dataset?")
         return x[: self.n], y[: self.n], self._adapt(x)
 
@@ -712,12 +713,12 @@ def check(run, cfg: CorruptionsConfig) -> None:
     """Before training. Source robustbench: the released set exists for the run's data (CIFAR-10, CIFAR-100,
     ImageNet) and its files are in place. Source generate: the cache can be written (it is created and
     locked there even when everything is cached)."""
-    name, where = run.config.data.name, f"{run.source}: evaluate.corruptions.source"
+    name, where = run.config.data.name, f"{run.source}: {cfg.key}.source"
     if cfg.source == "generate":
         root = Path(cfg.cache_dir or _default_cache()).expanduser()
         there = next(p for p in [root, *root.parents] if p.exists())
         if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
-            raise UsageError(f"{run.source}: evaluate.corruptions.cache_dir: the generated sets are written and "
+            raise UsageError(f"{run.source}: {cfg.key}.cache_dir: the generated sets are written and "
                              f"locked under {root}, but {there} is not a writable directory; set cache_dir (or "
                              f"NORMLAB_DATA) to one that is")
         return
@@ -734,7 +735,7 @@ def check(run, cfg: CorruptionsConfig) -> None:
         raise UsageError(
             f"{where}: 'robustbench' reads the released {_RB_FOLDERS[name]} from {folder}, which lacks "
             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; place the data there (set "
-            f"evaluate.corruptions.data_dir or NORMLAB_DATA; normlab does not download it) or use source: generate")
+            f"{cfg.key}.data_dir or NORMLAB_DATA; normlab does not download it) or use source: generate")
 
 
 EVALUATORS = [Evaluator("corruptions", corruptions,

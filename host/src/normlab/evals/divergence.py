@@ -96,7 +96,7 @@ def check_model(run, cfg: DivergenceConfig) -> None:
     known = dict(run.model.backbone.named_modules())
     unknown = [layer for layer in cfg.layers or () if layer not in known]
     if unknown:
-        raise UsageError(f"{run.source}: evaluate.divergence.layers: the backbone has no layer {unknown[0]!r} "
+        raise UsageError(f"{run.source}: {cfg.key}.layers: the backbone has no layer {unknown[0]!r} "
                          f"(its top-level layers: {top_level_layers(run.model.backbone)})")
 
 

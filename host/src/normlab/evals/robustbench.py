@@ -145,7 +145,7 @@ def benchmark_problem(cfg: RobustbenchEvalConfig, dataset: str | None, data_dir:
     ``clean`` / ``corrupted``: whether robustbench finds the clean test set / the corruption data in ``data_dir``.
     """
     if dataset is None:
-        return "the run's data is not a robustbench dataset (set evaluate.robustbench.dataset)"
+        return f"the run's data is not a robustbench dataset (set {cfg.key}.dataset)"
     if not clean:
         return f"the {dataset} test set is not in {data_dir} (robustbench would download it)"
     if cfg.threat_model == "corruptions":
@@ -240,10 +240,10 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
     try:
         import_robustbench()
     except RobustbenchUnavailable as e:
-        raise UsageError(f"{run.source}: evaluate.robustbench: {e}") from None
+        raise UsageError(f"{run.source}: {cfg.key}: {e}") from None
     dataset = _dataset(run, cfg)
     if dataset is not None and CLASSES[dataset] != run.data.num_classes:
-        raise UsageError(f"{run.source}: evaluate.robustbench.dataset: {dataset} has {CLASSES[dataset]} classes "
+        raise UsageError(f"{run.source}: {cfg.key}.dataset: {dataset} has {CLASSES[dataset]} classes "
                          f"but the model has {run.data.num_classes}")
     data_dir = _data_dir(run, cfg)
     corruptions = cfg.threat_model == "corruptions"
@@ -251,8 +251,8 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
     n_corrupted = available(dataset, "corruptions", data_dir) if dataset is not None and corruptions else 0
     if corruptions and not n_corrupted:
         what = f"robustbench's {CORRUPTION_DIRS[dataset]} under {data_dir}" if dataset else \
-            "a robustbench dataset (set evaluate.robustbench.dataset) and its corruption data"
-        raise UsageError(f"{run.source}: evaluate.robustbench.data_dir: threat_model 'corruptions' needs {what} "
+            f"a robustbench dataset (set {cfg.key}.dataset) and its corruption data"
+        raise UsageError(f"{run.source}: {cfg.key}.data_dir: threat_model 'corruptions' needs {what} "
                          f"(normlab does not download it; the `corruptions` evaluator generates corruptions of "
                          f"the run's own data)")
     problem = benchmark_problem(cfg, dataset, data_dir, n_clean > 0, n_corrupted > 0)

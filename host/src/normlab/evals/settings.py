@@ -18,7 +18,7 @@ from pydantic import BeforeValidator, Field, PrivateAttr, field_validator, model
 from ..config import Strict, validate_section
 from ..errors import UsageError
 
-__all__ = ["SETTINGS", "validate_evaluators", "EvalSettings", "AttackSettings", "BudgetSettings", "Budget",
+__all__ = ["SETTINGS", "validate_evaluators", "validate", "EvalSettings", "AttackSettings", "BudgetSettings", "Budget",
            "COMMON", "VALIDATION", "GENERATED", "KNOBS"]
 
 #: imagecorruptions' ``get_corruption_names('common')``, in its order (ImageNet-C's 15)
@@ -53,10 +53,19 @@ _data_dir_exists = field_validator("data_dir")(classmethod(_existing_data_dir))
 
 
 class EvalSettings(Strict):
-    """Settings every evaluator accepts."""
+    """Settings every evaluator accepts, and where in the run file they are (:attr:`key`)."""
 
     n_examples: int | None = Field(None, ge=1, description="evaluate on a fixed subset of this many test images")
     batch_size: int = Field(256, ge=1)
+    _key: str | None = PrivateAttr(None)  # set by validate(): evaluate.NAME or evaluate.sweep.evaluators.NAME
+
+    @property
+    def key(self) -> str:
+        """The key path of these settings in the run file, for messages: ``evaluate.pgd`` at the top level,
+        ``evaluate.sweep.evaluators.pgd`` inside a sweep (settings made in code: their evaluator's top-level key)."""
+        if self._key is not None:
+            return self._key
+        return "evaluate." + next((n for n, c in SETTINGS.items() if c is type(self)), type(self).__name__)
 
 
 class CleanConfig(EvalSettings):
@@ -365,7 +374,7 @@ def validate_evaluators(evaluate: dict[str, Any], source: str) -> dict[str, Stri
         if name not in SETTINGS:
             raise UsageError(f"{source}: evaluate.{name}: unknown evaluator" + did_you_mean(name, list(SETTINGS))
                              + f"; available: {', '.join(SETTINGS)}")
-        out[name] = validate_section(SETTINGS[name], settings, source, f"evaluate.{name}")
+        out[name] = validate(name, settings, source, f"evaluate.{name}")
     if "sweep" in out:
         nested_evaluators(out["sweep"], source)
     return out
@@ -380,5 +389,13 @@ def nested_evaluators(sweep: SweepConfig, source: str) -> None:
         if name not in SETTINGS:
             raise UsageError(f"{source}: evaluate.sweep.evaluators.{name}: unknown evaluator"
                              + did_you_mean(name, list(SETTINGS)))
-        parsed[name] = validate_section(SETTINGS[name], settings, source, f"evaluate.sweep.evaluators.{name}")
+        parsed[name] = validate(name, settings, source, f"evaluate.sweep.evaluators.{name}")
     sweep._parsed = parsed
+
+
+def validate(name: str, settings: Any, source: str, key: str) -> Strict:
+    """Evaluator ``name``'s settings validated; errors, and the settings' own :attr:`EvalSettings.key`, name ``key``."""
+    out = validate_section(SETTINGS[name], settings, source, key)
+    if isinstance(out, EvalSettings):
+        out._key = key
+    return out

@@ -111,7 +111,7 @@ def _folder_loader(run, name: str, path: str, cfg: StyleConfig):
                                                  T.ToTensor()]))
     train_classes = getattr(run.data.test, "classes", None)
     if train_classes is not None and ds.classes != train_classes:
-        raise UsageError(f"{run.source}: evaluate.style.folders.{name}: classes differ from the training data")
+        raise UsageError(f"{run.source}: {cfg.key}.folders.{name}: classes differ from the training data")
     samples = run.domain_samples(ds)
     ds = torch.utils.data.Subset(ds, fixed_order(len(ds))[:cfg.n_examples].tolist())
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False), samples
@@ -126,7 +126,7 @@ def style(model, ctx, report, cfg: StyleConfig) -> None:
     run = ctx.run
     names = domains(run, cfg)
     if not names and not cfg.folders:
-        raise UsageError(f"{run.source}: evaluate.style: no domains: name generated `domains` or ImageFolder "
+        raise UsageError(f"{run.source}: {cfg.key}: no domains: name generated `domains` or ImageFolder "
                          f"`folders` (generated domains default to all only for mnist)")
     keys = []
     for name in names:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 from typing import Any
 
 import torch
@@ -78,19 +77,14 @@ def check_model(run, cfg: SweepConfig) -> None:
 
 
 def _nested_checks(run, cfg: SweepConfig, which: str) -> None:
-    """Each nested evaluator's ``check`` or ``check_model``, as the host runs them for top-level evaluators.
-    Their errors name their keys as top-level ones (``evaluate.divergence.layers``); the message is given
-    the key where the setting is, ``evaluate.sweep.evaluators.divergence.layers``."""
+    """Each nested evaluator's ``check`` or ``check_model``, as the host runs them for top-level evaluators
+    (their settings name their own key, ``evaluate.sweep.evaluators.NAME``, in what they refuse)."""
     from . import EVALUATORS
 
     for name, settings in cfg._parsed.items():
         fn = getattr(EVALUATORS[name], which)
         if fn is not None:
-            try:
-                fn(run, settings)
-            except UsageError as e:
-                where = f"evaluate.sweep.evaluators.{name}"
-                raise UsageError(re.sub(rf"\bevaluate\.{name}\b", where, str(e))) from None
+            fn(run, settings)
 
 
 def knob_value(knob: str, value: Any) -> Any:
