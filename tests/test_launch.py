@@ -53,3 +53,17 @@ def test_a_bad_grid_value_is_refused_before_anything_is_submitted(tmp_path, writ
     assert "--grid train.lr: expected KEY=V1,V2" in capsys.readouterr().err
     assert main(["launch", str(path), "--grid", "seed=1,2", "--out", str(group)]) == 2
     assert "use --seeds for seeds" in capsys.readouterr().err
+
+
+def test_slurm_without_sbatch_is_refused_before_the_group_is_written(tmp_path, write_yaml, capsys, monkeypatch):
+    """It was refused after launch.json ("status": "running") and each point's group.yaml were written."""
+    import normlab.launch
+
+    monkeypatch.setattr(normlab.launch.shutil, "which", lambda name: None)
+    group = tmp_path / "group"
+    code = main(["launch", str(write_yaml(TINY)), "--grid", "train.lr=0.1", "--seeds", "0", "--executor", "slurm",
+                 "--no-wait", "--out", str(group)])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.strip().endswith("--executor slurm: no Slurm on this machine (sbatch not found); use "
+                                              "--executor local") and len(err.strip().splitlines()) == 1, err
+    assert not out and not group.exists()

@@ -84,8 +84,6 @@ def _executor(kind: str, folder: Path, slurm: dict, parallel: int):
     import submitit
 
     if kind == "slurm":
-        if shutil.which("sbatch") is None:
-            raise UsageError("--executor slurm: no Slurm on this machine (sbatch not found); use --executor local")
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
         params = {k: v for k, v in slurm.items() if v is not None and k not in ("timeout_min", "partition")}
         if slurm.get("partition"):
@@ -108,6 +106,8 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
     out = Path(out)
     if not seeds:
         raise UsageError("--seeds: expected at least one seed, e.g. --seeds 0,1,2")
+    if executor == "slurm" and shutil.which("sbatch") is None:  # before the group directory is written
+        raise UsageError("--executor slurm: no Slurm on this machine (sbatch not found); use --executor local")
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     plan = {}
     for point in points:
