@@ -181,7 +181,8 @@ def test_hostile_run_file_exits_2_with_one_short_line_and_no_run_dir(case, tmp_p
 @pytest.mark.parametrize("item, pattern", [
     ("evaluate.sweep.values=" + "[" * 5000 + "]" * 5000, r"--set evaluate\.sweep\.values=\[\[\[.*\.\.\.: invalid YAML: nested deeper than 64"),
     ("evaluate.sweep.values={" + BOMB.strip().replace("\n", ", ") + "}", r"--set evaluate\.sweep\.values=.*: more than 100000 values"),
-    ("seed=" + "x" * 100_000, r"run\.yaml: seed: Input should be a valid integer.*\(got 'xxxx.*\.\.\.\)$"),
+    ("seed=" + "x" * 100_000,
+     r"--set seed=xxxx.*\.\.\.: seed: Input should be a valid integer.*\(got 'xxxx.*\.\.\.\)$"),
 ])
 def test_hostile_set_values_exit_2_with_one_short_line(item, pattern, tmp_path, write_yaml, capsys):
     path = write_yaml("seed: 0")

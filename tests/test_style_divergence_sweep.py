@@ -212,10 +212,36 @@ def test_compare_table_marks_missing_metrics(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "advbn")]) == 0
     header, rows = table_rows(capsys.readouterr().out)
     assert header == ["metric", "base", "advbn", "advbn", "-", "base"]
-    assert rows["clean/acc"] == ["0.9000", "0.8900", "-0.0100"]  # no per-example outcomes stored: no test
+    assert rows["clean/acc"] == ["0.9000", "0.8900", "-0.0100", "untested"]  # no per-example outcomes stored
     assert rows["pgd/acc"] == ["-", "0.1000", "-"]
     assert rows["style/invert/acc"] == ["0.2000", "-", "-"]
     assert rows["seed"] == ["0", "1"]
+
+
+def test_a_difference_without_a_test_says_why_and_one_seed_has_no_interval(tmp_path, capsys):
+    """A difference that no test backs is marked untested with the reason in the footnote; a seed group of one
+    seed shows no interval over seeds (a t interval needs two), in compare and in show."""
+    import yaml
+
+    from normlab.group import GROUP_YAML, summarize
+
+    for name, acc in (("a", 0.9), ("b", 0.8)):
+        group = tmp_path / name
+        (group / "seed-0").mkdir(parents=True)
+        (group / "seed-0" / "results.json").write_text(json.dumps({"metrics": {"clean/acc": acc}, "seed": 0}))
+        (group / GROUP_YAML).write_text(yaml.safe_dump({"seeds": [0]}))
+        summarize(group, [0])
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    _, rows = table_rows(out)
+    assert rows["clean/acc"] == ["0.9000", "0.8000", "-0.1000", "untested"]  # no "[0.900, 0.900]"
+    assert "untested: a group of one seed has no spread over seeds" in out
+    assert main(["show", str(tmp_path / "a")]) == 0
+    assert "clean/acc  0.9000  (one seed: none)" in capsys.readouterr().out
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text(json.dumps({"metrics": {"clean/acc": 0.85}, "seed": 0}))
+    assert main(["compare", str(tmp_path / "r"), str(tmp_path / "a")]) == 0
+    assert "untested: a run and a seed group are not paired" in capsys.readouterr().out
 
 
 def test_compare_shows_an_evaluation_stored_under_a_name(tmp_path, capsys):
@@ -227,8 +253,8 @@ def test_compare_shows_an_evaluation_stored_under_a_name(tmp_path, capsys):
     assert main(["compare", str(run), f"{run}:bnrect"]) == 0
     header, rows = table_rows(capsys.readouterr().out)
     assert header[:3] == ["metric", "base", "base:bnrect"]
-    assert rows["corruptions/acc"] == ["0.6000", "0.7000", "+0.1000"]
-    assert rows["corruptions/fog/acc"] == ["0.2000", "0.4000", "+0.2000"]
+    assert rows["corruptions/acc"] == ["0.6000", "0.7000", "+0.1000", "untested"]
+    assert rows["corruptions/fog/acc"] == ["0.2000", "0.4000", "+0.2000", "untested"]
     assert rows["clean/acc"] == ["0.9000", "-", "-"] and "corruptions/fog/3/acc" not in rows
     assert main(["compare", f"{run}:nope"]) == 2
     assert "no metrics stored under 'nope'" in capsys.readouterr().err
@@ -250,3 +276,14 @@ def test_compare_plots_runs_and_sweeps_on_the_sa_ra_plane(tmp_path, capsys):
     (clean_only / "results.json").write_text(json.dumps({"metrics": {"clean/acc": 0.9}, "seed": 0}))
     assert main(["compare", str(clean_only), "--plot", str(tmp_path / "none.png")]) == 0
     assert "no run has both" in capsys.readouterr().out and not (tmp_path / "none.png").exists()
+    # a --plot that cannot be written is refused in one line before anything is read (was a traceback, exit 1)
+    (tmp_path / "afile").write_text("")
+    for bad, why in ((tmp_path / "sara.txt", "expected a file name ending in .png"),
+                     (tmp_path / "dir.png", "expected a file; a directory of that name exists"),
+                     (tmp_path / "afile" / "x.png", "is not a writable directory)")):
+        if bad.name == "dir.png":
+            bad.mkdir()
+        assert main(["compare", str(oat), "--plot", str(bad)]) == 2
+        out, err = capsys.readouterr()
+        assert err.strip().endswith(why) and f"--plot {bad}" in err and len(err.strip().splitlines()) == 1, err
+        assert not out

@@ -126,7 +126,7 @@ def group_table(group: dict, everything: bool = True) -> str:
              f"{'-' * width}  ------  --------------------  " + "  ".join("-" * 7 for _ in seeds)]
     for k, m in metrics.items():
         cells = "  ".join(f"{v:>7.4f}" for v in m["values"])
-        interval = f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]"
+        interval = f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if len(seeds) > 1 else "(one seed: none)"
         lines.append(f"{k:<{width}}  {m['mean']:.4f}  {interval:<20}  {cells}")
     lines.append("")
     lines.append(f"{len(seeds)} seeds: {', '.join(map(str, seeds))}; {group.get('rule', '')}")
@@ -273,7 +273,8 @@ class _Entry:
             if prefix:
                 raise UsageError(f"{spec}: a seed group has no named evaluations; compare its seed runs instead")
             self.metrics = {k: m["mean"] for k, m in self.group["metrics"].items()}
-            self.intervals = {k: (m["ci_low"], m["ci_high"]) for k, m in self.group["metrics"].items()}
+            self.intervals = {k: (m["ci_low"], m["ci_high"]) for k, m in self.group["metrics"].items()
+                              if len(self.group["seeds"]) > 1}  # one seed: no interval over seeds
             self.seed = ",".join(map(str, self.group["seeds"]))
             self.cost = self.group.get("cost", {})
             return
@@ -304,7 +305,8 @@ class _Entry:
 
 
 def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, str]:
-    """(b - a, p-value or None, the test's name) for one metric of two compare entries."""
+    """(b - a, p-value, the test's name) for one metric of two compare entries; where no test applies,
+    (b - a, None, why not)."""
     from . import stats
 
     diff = b.metrics[key] - a.metrics[key]
@@ -316,14 +318,17 @@ def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, st
             from scipy.stats import ttest_ind
 
             return diff, float(ttest_ind(vb, va, equal_var=False).pvalue), "Welch t over seeds"
-        return diff, None, ""
+        return diff, None, "a group of one seed has no spread over seeds"
     if a.group is None and b.group is None:
         oa, ob = a.outcomes().get(key), b.outcomes().get(key)
-        if oa is not None and ob is not None and oa[1] == ob[1]:
-            if oa[2] and ob[2]:
-                return diff, stats.mcnemar(ob[0] > 0.5, oa[0] > 0.5)["p"], "McNemar exact"
-            return diff, stats.paired_examples(ob[0], oa[0])["p"], "paired t over examples"
-    return diff, None, ""
+        if oa is None or ob is None:
+            return diff, None, "no per-example outcomes stored for the key"
+        if oa[1] != ob[1]:
+            return diff, None, "the runs were evaluated on different test examples"
+        if oa[2] and ob[2]:
+            return diff, stats.mcnemar(ob[0] > 0.5, oa[0] > 0.5)["p"], "McNemar exact"
+        return diff, stats.paired_examples(ob[0], oa[0])["p"], "paired t over examples"
+    return diff, None, "a run and a seed group are not paired"
 
 
 COST = ("train/images_per_s", "train/step_flops", "peak_memory_mb")
@@ -343,7 +348,7 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bo
         keys += [k for k in present if k.endswith("/flops")]  # the cost of a forward per width (slim)
     base, rest = entries[0], entries[1:]
     header = ["metric"] + [e.name for e in entries] + [f"{e.name} - {base.name}" for e in rest]
-    rows, tests = [], set()
+    rows, tests, untested = [], set(), set()
     for k in keys:
         row = [k]
         for e in entries:
@@ -358,7 +363,8 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bo
                 continue
             diff, p, test = paired_test(base, e, k)
             if p is None:
-                row.append(f"{diff:+.4f}" if abs(diff) < 1e5 else f"{diff:+.4g}")
+                untested.add(test)
+                row.append((f"{diff:+.4f}" if abs(diff) < 1e5 else f"{diff:+.4g}") + " untested")
             else:
                 tests.add(test)
                 row.append(f"{diff:+.4f} p={p:.3g} " + ("*" if p < ALPHA else "n.s."))
@@ -377,13 +383,23 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bo
         lines.append("")
         lines.append(f"differences: entry minus {base.name}; * p < {ALPHA}, n.s. not significant"
                      + (f" ({'; '.join(sorted(tests))})" if tests else "")
-                     + "; intervals: 95% (over test examples for a run, over seeds for a group)")
+                     + "; intervals: 95% (over test examples for a run, over seeds for a group)"
+                     + (f"; untested: {'; '.join(sorted(untested))}" if untested else ""))
     return "\n".join(lines).rstrip()
 
 
 def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None, cost: bool = False) -> int:
     from .launch import expand
 
+    if plot is not None:  # refused before anything is read, as a bad --out is
+        where = Path(plot)
+        if where.suffix.lower() != ".png":
+            raise UsageError(f"--plot {plot}: expected a file name ending in .png")
+        if where.is_dir():
+            raise UsageError(f"--plot {plot}: expected a file; a directory of that name exists")
+        parent = next(p for p in [*where.parents, Path(".")] if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--plot {plot}: cannot write there ({parent} is not a writable directory)")
     entries = []
     for d in [p for d in run_dirs for p in (expand(d) or [d])]:  # a launch group: its points
         e = _Entry(d)
@@ -510,6 +526,20 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _blame_override(message: str, overrides: list[str] | None) -> str:
+    """A refused setting that a ``--set`` gave is named by that flag, not by the run file it was applied to:
+    ``FILE: data.batch_size: ...`` becomes ``--set data.batch_size=big: data.batch_size: ...``."""
+    import re
+
+    from .config import _cut
+
+    for item in reversed(overrides or []):
+        key = item.split("=", 1)[0].strip()
+        if key and re.match(rf"[^:]+: {re.escape(key)}(?:[.\[:]|$)", message):
+            return f"--set {_cut(item)}: " + message.split(": ", 1)[1]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = logging.getLogger("normlab")  # our messages only, not every library's INFO lines
@@ -558,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun directory: {result.dir}")
         return EXIT_OK
     except UsageError as e:
-        print(f"normlab: {_rank()}error: {e}", file=sys.stderr)
+        print(f"normlab: {_rank()}error: {_blame_override(str(e), getattr(args, 'overrides', None))}",
+              file=sys.stderr)
         return EXIT_USAGE
     except RunFailure as e:
         print(f"normlab: {_rank()}run failed: {e}", file=sys.stderr)
