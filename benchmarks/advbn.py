@@ -57,6 +57,7 @@ from normlab.train import LossTerms, autocast, build_optimizer  # noqa: E402
 TARGET = 0.8
 REFERENCE_TARGET = 0.85  # issue 18: our step / the public code's without anomaly detection
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CHANNELS_LAST = {"auto": "auto", "cuda": "cuda", "true": True, "false": False}
 
 
 def build(args):
@@ -64,7 +65,8 @@ def build(args):
         "seed": 0, "model": {"name": args.model},
         "data": {"name": "mnist", "batch_size": args.batch, "num_workers": 0, "image_size": args.image_size},
         "train": {"epochs": 1, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-                  "schedule": "constant", "device": args.device, "amp": args.amp, "channels_last": False},
+                  "schedule": "constant", "device": args.device, "amp": args.amp,
+                  "channels_last": CHANNELS_LAST[args.channels_last]},
         "plugins": {"advbn": {"layer": args.layer, "steps": args.pgd_steps, "step_size": 0.2, "eps": 1.1}},
         "evaluate": {}}, "benchmark")
     run = prepare(cfg, "benchmark", quiet=True)
@@ -191,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (both sides)")
     p.add_argument("--reference", metavar="DIR", help="a work tree of azshue/AdvBN: also time its own training step "
                                                       "(with and without its anomaly detection; benchmarks/_reference.py)")
+    p.add_argument("--channels-last", choices=sorted(CHANNELS_LAST), default="auto",
+                   help="train.channels_last of the run, both sides (default auto, the run files' default)")
     p.add_argument("-q", action="store_true", help="print only the result line")
     args = p.parse_args(argv)
     if args.threads:
@@ -249,7 +253,8 @@ def main(argv=None) -> int:
 
     ma, mu, mn = (statistics.median(times[k]) for k in ("advbn", "unfolded", "naive"))
     print(f"advbn: {args.model} split after {args.layer}, batch {args.batch} at {run.data.image_size}x"
-          f"{run.data.image_size}, {args.pgd_steps} PGD steps, {run.device.type}: advbn {ma:.4f} s/step "
+          f"{run.data.image_size}, {args.pgd_steps} PGD steps, {run.device.type}"
+          f"{', channels-last' if run.channels_last else ''}: advbn {ma:.4f} s/step "
           f"(unfolded {mu:.4f}), naive {mn:.4f} s/step, ratio {ratio('advbn', 'naive'):.3f} (unfolded "
           f"{ratio('unfolded', 'naive'):.3f}; folded / unfolded {ratio('advbn', 'unfolded'):.3f}; target <= {TARGET})")
     if args.reference:

@@ -59,6 +59,8 @@ MAX_STEPS = 4000 // BATCH  # one epoch of the embedded train split (drop_last)
 ATTACK = {"eps": 0.3, "step_size": 0.1, "steps": 5, "norm": "Linf", "random_start": True}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SIDES = ("oat", "pgd_at")
+CHANNELS_LAST = {"auto": "auto", "cuda": "cuda", "true": True, "false": False}
+LAYOUT = {"channels_last": "auto"}  # train.channels_last of every run here (--channels-last)
 
 
 def run_config(side: str, steps: int, device: str) -> dict:
@@ -69,7 +71,7 @@ def run_config(side: str, steps: int, device: str) -> dict:
         "data": {"name": "mnist", "batch_size": BATCH, "n_train": BATCH * steps, "num_workers": 0},
         "train": {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4,
                   "schedule": "constant", "warmup_epochs": 0, "device": device, "amp": False,
-                  "channels_last": False},
+                  "channels_last": LAYOUT["channels_last"]},
         "plugins": plugins,
         "evaluate": {"clean": {}},
     }
@@ -251,7 +253,8 @@ def reference(args, clock) -> int:
         with FlopCount() as counter:  # torch's FlopCounterMode fails on autograd.grad inside (the attacks)
             fn()
         flops[name] = counter.total
-    print(f"oat vs the OAT code: CIFAR ResNet-18, batch {args.reference_batch}, PGD-{steps}; FLOPs per step "
+    print(f"oat vs the OAT code: CIFAR ResNet-18, batch {args.reference_batch}, PGD-{steps}, normlab "
+          f"{'channels-last' if run.channels_last else 'contiguous'}; FLOPs per step "
           f"normlab {flops['normlab'] / 1e9:.1f} G, reference {flops['reference'] / 1e9:.1f} G", flush=True)
     times = {name: [] for name in sides}
     for i in range(args.steps + 1):
@@ -285,8 +288,12 @@ def main(argv=None) -> int:
                                                        "time our OAT step against that code's own (see reference())")
     ap.add_argument("--reference-batch", type=int, default=32, help="the batch of the --reference comparison "
                                                                     "(default 32: the CIFAR stem costs 16x the FLOPs)")
+    ap.add_argument("--channels-last", choices=sorted(CHANNELS_LAST), default="auto",
+                    help="train.channels_last of our runs (default auto, the run files' default); the reference "
+                         "code runs as written")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
     args = ap.parse_args(argv)
+    LAYOUT["channels_last"] = CHANNELS_LAST[args.channels_last]
     if args.no_fold:
         ATTACK["fold"] = False
     if not 3 <= args.steps <= MAX_STEPS:

@@ -99,6 +99,7 @@ def test_zoo_model_loads_offline_and_is_the_backbone_unchanged(model_dir, tmp_pa
     # the same logits as robustbench's own model on the same [0, 1] inputs (the clean evaluator's images)
     own = load_model(ZOO["name"], model_dir=str(model_dir), dataset="cifar10", threat_model="corruptions").eval()
     assert type(model.backbone) is type(own)
+    own.to(memory_format=model.memory_format)  # the run's layout (train.channels_last): the same kernels
     x, y = next(iter(build_data(DataConfig()).loader("test", 64, shuffle=False, n=64)))
     with torch.no_grad():
         assert torch.equal(model(x), own(x))

@@ -75,6 +75,15 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tiny_config, tmp_pat
     ref_rows, cut_rows = read_metrics(ref.dir), read_metrics(cut)
     assert [r["train_loss"] for r in cut_rows] == [r["train_loss"] for r in ref_rows]
     assert [r["val_acc"] for r in cut_rows] == [r["val_acc"] for r in ref_rows]
+    # the training time counts the epoch the killed process finished too (it counted the resumed part alone)
+    stored = json.loads((cut / "results.json").read_text())
+    assert stored["timing"]["train"] == pytest.approx(sum(float(r["seconds"]) for r in cut_rows))
+    assert float(cut_rows[0]["seconds"]) > 0
+    before = stored["cost"]["peak_memory_mb"]
+    again = normlab.run(path, out=cut, resume=True, plugins={"killer": Killer()}, quiet=True)  # finished: evaluates
+    stored = json.loads((again.dir / "results.json").read_text())
+    assert stored["timing"]["train"] == pytest.approx(sum(float(r["seconds"]) for r in cut_rows))
+    assert stored["cost"]["peak_memory_mb"] >= before  # the run's peak, not only this process's
 
 
 def Killer():
@@ -86,8 +95,35 @@ def Killer():
 def test_resume_refuses_a_different_run_file(tiny_config, tmp_path, write_yaml, capsys):
     path = write_yaml(tiny_config)
     normlab.run(path, out=tmp_path / "r", quiet=True)
-    code = main(["run", str(path), "--out", str(tmp_path / "r"), "--resume", "--set", "train.lr=0.3"])
-    assert code == 2 and "differs from the run being resumed (in: train)" in capsys.readouterr().err
+    capsys.readouterr()  # its log lines, where an earlier test's CLI call left normlab's handler on stderr
+    changed = write_yaml({**tiny_config, "train": {**tiny_config["train"], "lr": 0.3}}, "changed.yaml")
+    code = main(["run", str(changed), "--out", str(tmp_path / "r"), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("r/run.yaml: train.lr: the run being resumed has 0.05, this run file 0.3; "
+                                      "resume with the same settings (--set train.lr=...) or start a new run"), err
+    assert len(err.splitlines()) == 1
+    code = main(["run", str(changed), "--out", str(tmp_path / "r"), "--resume", "--set", "train.channels_last=true",
+                 "--set", "evaluate.clean.n_examples=100"])
+    err = capsys.readouterr().err.strip()  # the first difference, then how many more; named by the --set it came from
+    assert code == 2 and err.endswith(
+        "--set evaluate.clean.n_examples=100: evaluate.clean.n_examples: the run being resumed has 200, this run "
+        "file 100 (and 2 more: train.channels_last, train.lr); resume with the same settings "
+        "(--set evaluate.clean.n_examples=...) or start a new run"), err
+
+
+def test_a_bad_set_value_is_named_by_its_flag(tiny_config, write_yaml, capsys, tmp_path):
+    """The file is fine; the --set is what to fix."""
+    path = write_yaml(tiny_config)
+    for item, rest in (("data.batch_size=big", "data.batch_size: Input should be a valid integer"),
+                       ("evaluate.clean.n_examples=0", "evaluate.clean.n_examples: Input should be greater than or "
+                                                       "equal to 1"),
+                       ("train={epochs: -1}", "train.epochs: Input should be greater than or equal to 0")):
+        assert main(["run", str(path), "--out", str(tmp_path / "o"), "--set", item]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"normlab: error: --set {item}: {rest}") and len(err.splitlines()) == 1, err
+    bad = write_yaml({**tiny_config, "data": {**tiny_config["data"], "nope": 1}}, "bad.yaml")
+    assert main(["run", str(bad), "--out", str(tmp_path / "o"), "--set", "data.batch_size=32"]) == 2
+    assert capsys.readouterr().err.startswith(f"normlab: error: {bad}: data.nope: unknown key")  # the file's own
 
 
 def test_non_finite_loss_stops_with_exit_1_naming_the_step(tiny_config, tmp_path):
@@ -236,3 +272,76 @@ def test_accumulated_steps_average_their_batches_including_a_short_last_group(tm
             fc.bias -= 0.5 * sum(b for _, b in grads) / len(group)
     torch.testing.assert_close(trained.model.backbone.fc.weight, fc.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(trained.model.backbone.fc.bias, fc.bias, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_channels_last_auto_follows_the_processor_and_the_model_is_built_in_that_layout(amx, monkeypatch, tiny_config):
+    """train.channels_last: auto is channels-last on CUDA and on CPUs without AMX, contiguous on CPUs with it
+    (measured: benchmarks/README.md); the built model's convolutions are in the chosen layout, and so are its
+    inputs inside it."""
+    from normlab import runner
+    from normlab.config import parse_run
+
+    monkeypatch.setattr(runner, "cpu_has_amx", lambda: amx)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runner.channels_last("auto", cpu) is (not amx) and runner.channels_last("auto", cuda) is True
+    assert runner.channels_last("cuda", cpu) is False and runner.channels_last("cuda", cuda) is True
+    assert runner.channels_last(True, cpu) is True and runner.channels_last(False, cuda) is False
+    for setting, expected in (("auto", not amx), (True, True), (False, False)):
+        cfg = {**tiny_config, "train": {**tiny_config["train"], "channels_last": setting, "device": "cpu"}}
+        run = runner.prepare(parse_run(cfg, "run.yaml"), "run.yaml", quiet=True)
+        run.build()
+        weight = run.model.backbone.conv1[0].weight if isinstance(run.model.backbone.conv1, torch.nn.Sequential) \
+            else run.model.backbone.conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is expected
+        assert run.model.memory_format is (torch.channels_last if expected else torch.contiguous_format)
+        assert run.versions()["memory_format"] == ("channels_last" if expected else "contiguous")
+        assert run.versions()["device"] == "cpu"
+
+
+def test_a_channels_last_model_gives_attacks_the_gradient_in_their_inputs_layout(tiny_config):
+    """torchattacks ``view``s input gradients: a channels-last model hands a contiguous input's gradient back
+    contiguous (it was channels-last, and L2 PGD, CW and AutoAttack raised), with the values of the model's
+    own gradient."""
+    import torchattacks
+
+    from normlab import runner
+    from normlab.config import parse_run
+
+    cfg = {**tiny_config, "train": {**tiny_config["train"], "channels_last": True, "device": "cpu"}}
+    run = runner.prepare(parse_run(cfg, "run.yaml"), "run.yaml", quiet=True)
+    run.build()
+    model = run.model.eval()
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    model(x).logsumexp(1).sum().backward()
+    assert x.grad.is_contiguous() and x.grad.view(4, -1).shape == (4, 768)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    model(x_cl).logsumexp(1).sum().backward()
+    assert torch.equal(x_cl.grad, x.grad)  # the model computes in one layout: the same numbers either way
+    adv = torchattacks.PGDL2(model, eps=0.5, alpha=0.2, steps=2)(x.detach(), torch.arange(4))
+    assert float((adv - x.detach()).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
+
+
+def test_eval_refuses_a_run_whose_training_has_not_finished(tiny_config, tmp_path, capsys):
+    """normlab eval scores the last checkpoint: of an unfinished run that is not the trained model, and the
+    results.json it wrote made the run look finished to show and launch."""
+    import shutil
+
+    res = normlab.run(tiny_config, out=tmp_path / "r", quiet=True)
+    assert main(["eval", str(res.dir), "--quiet"]) == 0  # finished: evaluates again
+    capsys.readouterr()
+    cut = tmp_path / "cut"  # as killed in epoch 2: the epoch-1 checkpoint is the last, no results.json
+    shutil.copytree(res.dir, cut)
+    (cut / "results.json").unlink()
+    ckpt = (cut / "checkpoints" / "epoch-0002").rename(cut / "checkpoints" / "epoch-0001")  # only the last is kept
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "epoch": 1}))
+    (cut / "checkpoints" / "last.json").write_text(json.dumps({"dir": "epoch-0001", "epoch": 1}))
+    assert main(["eval", str(cut), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{cut}: training has not finished (the last checkpoint is epoch 1 of 2); finish it first: "
+                        f"normlab run RUN_FILE --out {cut} --resume") and len(err.splitlines()) == 1, err
+    assert not (cut / "results.json").exists()
+    shutil.rmtree(cut / "checkpoints")  # killed in epoch 1
+    assert main(["eval", str(cut), "--quiet"]) == 2
+    assert "no trained weights (checkpoints/last.json is missing" in capsys.readouterr().err

@@ -125,10 +125,11 @@ class TrainConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool | Literal["cuda"] = Field(
-        "cuda", description="the channels_last memory format of the model, its inputs and the attacks' folded "
-                            "convolutions: cuda (on CUDA only), true (every device) or false; on CPU it is a "
-                            "gain on some processors and a loss on others (benchmarks/README.md)")
+    channels_last: bool | Literal["auto", "cuda"] = Field(
+        "auto", description="the channels_last memory format of the model, its inputs and the attacks' folded "
+                            "convolutions (the same numbers up to float rounding): auto (on CUDA, and on CPUs "
+                            "without AMX, where oneDNN's channels-last convolutions are the faster ones; "
+                            "benchmarks/README.md), cuda (on CUDA only), true (every device) or false")
     threads: int | None = Field(None, ge=1, le=4096, description="torch CPU threads (default: torch's choice)")
     val_examples: int | None = Field(None, ge=1, description="test images scored after each epoch for the val_acc "
                                                              "curve: the first of the split's fixed random order "

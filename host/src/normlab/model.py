@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .layers.fold import relayout
 from .layers.norm import map_norms
 
 __all__ = ["Normalize", "NormlabNet", "create_backbone", "small_input_stem", "input_stats", "robustbench_backbone",
@@ -31,15 +32,21 @@ class NormlabNet(nn.Module):
     """The model normlab trains and attacks: ``backbone(normalize(x))`` on [0, 1] inputs.
 
     Layer names used in run files (split points, trainable prefixes, norm names
-    passed to hooks) are relative to ``backbone``.
+    passed to hooks) are relative to ``backbone``. A channels-last model
+    (``memory_format``, set by the host from ``train.channels_last``) takes any
+    input in that layout and hands the input's gradient back in the input's own:
+    attacks (torchattacks ``view`` their input gradients) see a contiguous model.
     """
 
     def __init__(self, backbone: nn.Module, mean: Iterable[float], std: Iterable[float]):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
+        self.memory_format = torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory_format is torch.channels_last:
+            x = relayout(x, torch.channels_last)
         return self.backbone(self.normalize(x))
 
 

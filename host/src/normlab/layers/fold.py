@@ -65,7 +65,8 @@ class _Relayout(torch.autograd.Function):
         return grad.contiguous(memory_format=ctx.back) if ctx.back is torch.contiguous_format else grad, None
 
 
-def _as(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+def relayout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``x`` (4-d) in memory format ``layout`` (itself when it already is), its gradient in ``x``'s own layout."""
     if x.dim() != 4 or x.is_contiguous(memory_format=layout):
         return x
     return _Relayout.apply(x, layout)
@@ -103,7 +104,8 @@ def folded(modules: Iterable[nn.Module], channels_last: bool = False) -> Iterato
     format (a layout: the same numbers) and hands each convolution its input in it (a no-op after the
     first). Whether that is faster depends on the processor: on resnet18's tail at 8x8, batch 128, one
     CPU thread, 0.57x the time of contiguous weights and inputs on one Xeon and 1.17x on another (with
-    AMX); the plugins pass the run's ``train.channels_last`` (CUDA only by default). The caller's tensors
+    AMX); the plugins pass the run's ``train.channels_last`` (by default on CUDA and on CPUs without AMX:
+    :func:`normlab.runner.channels_last`). The caller's tensors
     keep their layout, so an attack's random start (drawn in memory order) is the same either way.
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -122,7 +124,7 @@ def folded(modules: Iterable[nn.Module], channels_last: bool = False) -> Iterato
             bias = shift if conv.bias is None else shift + conv.bias * scale
 
             def forward(x, conv=conv, weight=weight, bias=bias.to(conv.weight.dtype)):
-                return conv._conv_forward(_as(x, layout), weight, bias)
+                return conv._conv_forward(relayout(x, layout), weight, bias)
 
             patches += [(conv, forward), (shadow, replacement)]
         if channels_last:  # the other convolutions too, in the same layout
@@ -130,7 +132,7 @@ def folded(modules: Iterable[nn.Module], channels_last: bool = False) -> Iterato
             for conv in {id(c): c for root in modules for c in root.modules() if type(c) is nn.Conv2d}.values():
                 if id(conv) not in done and not conv._forward_pre_hooks:
                     def forward(x, conv=conv, weight=conv.weight.contiguous(memory_format=layout)):
-                        return conv._conv_forward(_as(x, layout), weight, conv.bias)
+                        return conv._conv_forward(relayout(x, layout), weight, conv.bias)
 
                     patches.append((conv, forward))
     for module, fn in patches:

@@ -99,7 +99,8 @@ def adversarial_features(model, split: Split, f: torch.Tensor, y: torch.Tensor, 
     With ``fold`` (the default) the tail's eval-mode BNs are folded into their convolutions for the
     attack's forwards and backwards (:func:`normlab.layers.folded_if_exact`: exact up to float rounding,
     checked against the plain tail on the first batch; the training forwards never fold), and the
-    attack's convolutions use the run's memory format (``train.channels_last``; a layout, the same numbers).
+    attack's convolutions use the run's memory format (``train.channels_last``; a layout: the same numbers up to
+    float rounding).
     """
     with attack_mode(model), ctx.using(route="aux", perturb=True, inner=True):
         fold = contextlib.nullcontext()

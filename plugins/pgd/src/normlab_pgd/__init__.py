@@ -97,8 +97,8 @@ def adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx, c
     (the default) every eval-mode BN the attack's route selects is folded into
     its convolution for the attack (:func:`normlab.layers.folded_if_exact`: exact
     up to float rounding, checked once per run; per-sample routes and hooked BNs
-    are left as they are), in the run's memory format (``train.channels_last``: on
-    CUDA by default; a layout, the same numbers).
+    are left as they are), in the run's memory format (``train.channels_last``;
+    a layout: the same numbers up to float rounding).
     """
     if cfg.steps == 0 or cfg.eps == 0:
         return x.detach()
