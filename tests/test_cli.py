@@ -283,6 +283,8 @@ def test_load_plugins_env_var(capsys, monkeypatch):
     monkeypatch.setenv("NORMLAB_LOAD_PLUGINS", "")
     code, out, _ = run_cli(["plugins", "--json"], capsys)
     assert code == 0 and json.loads(out) == []
+    code, out, _ = run_cli(["plugins", "--check"], capsys)
+    assert code == 0 and out.strip() == "no plugins loaded (NORMLAB_LOAD_PLUGINS='')"  # not "none installed"
     monkeypatch.setenv("NORMLAB_LOAD_PLUGINS", "noise")
     code, out, _ = run_cli(["plugins", "--json"], capsys)
     assert [p["name"] for p in json.loads(out)] == ["noise"]
@@ -317,7 +319,7 @@ def test_broken_plugin_is_listed_with_its_error_and_named_when_used(tmp_path, mo
     assert listing["broken"]["distribution"] == "normlab-broken"
     assert "on_los" in listing["badhook"]["error"]
     code, out, _ = run_cli(["plugins", "--check"], capsys)
-    assert code == 0 and "error: failed to import nl_broken" in out
+    assert code == 1 and "error: failed to import nl_broken" in out  # a check that found a broken plugin fails
     code, out, _ = run_cli(["plugins"], capsys)  # from metadata: listed, not imported
     assert code == 0 and "broken 9.9 (normlab-broken, nl_broken)" in out and "ModuleNotFoundError" not in out
     path = write_yaml("plugins: [broken]")

@@ -216,7 +216,8 @@ def _plugins(as_json: bool, name: str | None = None, check: bool = False) -> int
         print(json.dumps(infos, indent=2))
         return EXIT_OK
     if not infos:
-        print("no plugins installed")
+        chosen = os.environ.get("NORMLAB_LOAD_PLUGINS")
+        print("no plugins installed" if chosen is None else f"no plugins loaded (NORMLAB_LOAD_PLUGINS={chosen!r})")
         return EXIT_OK
     for i in infos:
         head = _head(i["name"], i["version"], i["distribution"], i["package"])
@@ -228,7 +229,7 @@ def _plugins(as_json: bool, name: str | None = None, check: bool = False) -> int
         for key in ("requires", "conflicts", "after", "knobs"):
             if i[key]:
                 print(f"  {key}: {', '.join(i[key])}")
-    return EXIT_OK
+    return EXIT_FAILURE if check and any(i["error"] for i in infos) else EXIT_OK  # a check that found errors
 
 
 def _results(run_dir: str) -> dict:

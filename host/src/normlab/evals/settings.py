@@ -82,7 +82,7 @@ def _number(value: Any) -> Any:
         num, _, den = value.partition("/")
         return float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"expected a number or a fraction such as 8/255, got {value!r}") from None
+        raise ValueError("expected a number or a fraction such as 8/255") from None
 
 
 Budget = Annotated[float, BeforeValidator(_number)]
