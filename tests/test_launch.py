@@ -40,6 +40,10 @@ def test_a_two_by_two_grid_runs_through_submitit_and_a_relaunch_skips_the_finish
     assert main(["compare", str(group)]) == 0
     table = capsys.readouterr().out
     assert all(p in table for p in points) and "clean/acc" in table
+    assert main(["show", str(group)]) == 0  # each point's table (it said "no results.json")
+    shown = capsys.readouterr().out
+    assert [ln for ln in shown.splitlines() if ln.startswith("point ")] == [f"point {p}:" for p in record["points"]]
+    assert shown.count("(one seed: none)") >= 4
 
 
 def test_a_bad_grid_value_is_refused_before_anything_is_submitted(tmp_path, write_yaml, capsys):
@@ -67,3 +71,12 @@ def test_slurm_without_sbatch_is_refused_before_the_group_is_written(tmp_path, w
     assert code == 2 and err.strip().endswith("--executor slurm: no Slurm on this machine (sbatch not found); use "
                                               "--executor local") and len(err.strip().splitlines()) == 1, err
     assert not out and not group.exists()
+
+
+@pytest.mark.parametrize("text", ['{"points": [1]}', '{"points": {"../x": []}}', "[]", "{"])
+def test_a_damaged_launch_json_is_one_usage_error(tmp_path, capsys, text):
+    (tmp_path / "launch.json").write_text(text)
+    for command in (["show", str(tmp_path)], ["compare", str(tmp_path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{tmp_path / 'launch.json'}: " in err and len(err.splitlines()) == 1, err

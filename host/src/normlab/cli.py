@@ -240,7 +240,14 @@ def _results(run_dir: str) -> dict:
 
 def _show(run_dir: str, everything: bool) -> int:
     from .group import is_group, read_group
+    from .launch import expand
 
+    points = expand(run_dir)
+    if points is not None:  # a launch group: each point's seed-group table
+        for i, point in enumerate(points):
+            print(f"{chr(10) if i else ''}point {Path(point).name}:")
+            _show(point, everything)
+        return EXIT_OK
     if is_group(run_dir):
         group = read_group(run_dir)
         print(group_table(group, everything))

@@ -17,7 +17,6 @@ run at once (default 1: each run already uses the machine's cores).
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Sequence
 import yaml
 
 from .errors import RunFailure, UsageError
-from .results import write_json_atomic, write_text_atomic
+from .results import read_json, write_json_atomic, write_text_atomic
 
 __all__ = ["parse_grid", "launch", "run_point", "LAUNCH_FILE"]
 
@@ -120,8 +119,8 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
     record = {"file": str(Path(file).resolve()), "grid": grid, "seeds": list(seeds), "overrides": list(overrides),
               "points": {name: p["overrides"] for name, p in plan.items()}}
     if saved.is_file():
-        before = json.loads(saved.read_text())
-        if {k: before.get(k) for k in ("grid", "seeds", "overrides")} != \
+        before = read_json(saved, "launch")
+        if not isinstance(before, dict) or {k: before.get(k) for k in ("grid", "seeds", "overrides")} != \
                 {k: record[k] for k in ("grid", "seeds", "overrides")}:
             raise UsageError(f"{saved}: this group was launched with another grid, seeds or overrides; "
                              f"choose another --out")
@@ -202,8 +201,11 @@ def expand(path: str | Path) -> list[str] | None:
     saved = Path(path) / LAUNCH_FILE
     if not saved.is_file():
         return None
-    record = json.loads(saved.read_text())
-    return [str(Path(path) / name) for name in record.get("points", {})]
+    record = read_json(saved, "launch")
+    points = record.get("points") if isinstance(record, dict) else None
+    if not isinstance(points, dict) or not all(isinstance(n, str) and n and "/" not in n for n in points):
+        raise UsageError(f"{saved}: points: expected a mapping of point names to their --set values")
+    return [str(Path(path) / name) for name in points]
 
 
 def main_args(p) -> None:
