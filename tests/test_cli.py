@@ -242,15 +242,42 @@ def test_existing_out_dir_is_refused(tmp_path, write_yaml, capsys):
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["keep.txt"]
 
 
-def test_offline_pretrained_is_a_clear_error(tmp_path, write_yaml):
-    # a fresh process: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+@pytest.mark.parametrize("offline_env", [False, True])
+def test_offline_pretrained_is_a_clear_error_at_once(tmp_path, write_yaml, capsys, monkeypatch, offline_env):
+    """No network: one line, exit 2, no run directory, and no minute of huggingface_hub's retries (22 lines):
+    an unreachable Hub puts the hub in offline mode for the call (HF_HUB_OFFLINE set by the user: the same)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_env)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
     path = write_yaml("model: {name: resnet18, pretrained: true}")
-    proc = subprocess.run([sys.executable, "-m", "normlab.cli", "run", str(path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=subprocess_env(HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.pretrained: timm's pretrained weights for 'resnet18' are not available" in lines[0]
-    assert not (tmp_path / "o").exists()
+    code, _, err = run_cli(["run", path, "--out", tmp_path / "o"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err  # the retries logged a line each
+    assert "model.pretrained: timm's pretrained weights for 'resnet18' are not available" in lines[0]
+    assert not (tmp_path / "o").exists() and constants.HF_HUB_OFFLINE is offline_env  # restored
+
+
+def test_hub_reachability_probe_on_loopback():
+    import socket
+
+    from normlab.adapters.hub import reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert reachable(f"http://127.0.0.1:{port}")
+    assert not reachable(f"http://127.0.0.1:{port}", timeout=1.0)  # closed now: refused
 
 
 def test_show_and_eval_on_missing_run(tmp_path, capsys):

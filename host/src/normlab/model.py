@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -65,8 +66,11 @@ def create_backbone(cfg: Any, num_classes: int, source: str) -> nn.Module:
 
         raise UsageError(f"{source}: model.name: unknown timm model {cfg.name!r}"
                          + did_you_mean(cfg.name, timm.list_models()))
+    from .adapters.hub import offline_unless_reachable
+
     try:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.kwargs)
+        with offline_unless_reachable() if cfg.pretrained else contextlib.nullcontext():
+            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.kwargs)
     except TypeError as e:
         raise UsageError(f"{source}: model.kwargs: {e}") from None
     except Exception as e:
