@@ -255,7 +255,7 @@ def test_equivalent_on_the_runs_own_split(tmp_path):
     assert m["robustbench/fast/adv_acc"] == m["robustbench/adv_acc"]
     from normlab.stats import wilson
 
-    for key in ("robustbench/clean_acc", "robustbench/adv_acc"):  # Wilson intervals over the 8 images
+    for key in ("robustbench/clean_acc", "robustbench/adv_acc", "robustbench/fast/adv_acc"):  # Wilson, 8 images
         assert (m[f"{key}/ci_low"], m[f"{key}/ci_high"]) == wilson(round(m[key] * 8), 8)
     log = (res.dir / "log.txt").read_text()
     assert "robustbench: equivalent path (the run's data is not a robustbench dataset" in log

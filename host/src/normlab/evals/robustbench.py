@@ -283,7 +283,7 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
                         x_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size)
                     x_adv = x_adv[0] if isinstance(x_adv, tuple) else x_adv  # see adapter_problem()
                     adv = _accuracy(model, x_adv, y, cfg.batch_size, run.device, "robustbench adv", run.quiet)
-                    report.add(f"robustbench/{cfg.version}/adv_acc", adv)
+                    report.proportion(f"robustbench/{cfg.version}/adv_acc", adv, n)
             if corruptions:
                 n_per = min(cfg.n_examples or n_corrupted, n_corrupted, MAX_EXAMPLES[dataset])
                 adv = _corruptions(model, ctx, cfg, dataset, n_per, data_dir, report)
