@@ -156,7 +156,8 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer=None, sched
     """
     ckpt = last_checkpoint(run_dir)
     if ckpt is None:
-        raise UsageError(f"{run_dir}: no checkpoint to resume from (checkpoints/last.json)")
+        raise UsageError(f"{run_dir}: no trained weights (checkpoints/last.json is missing: the run stopped before "
+                         f"its first epoch ended)")
     state = _read_state(ckpt / "state.json")
     weights = _read_tensors(ckpt / "model.safetensors")
     problem = state_dict_mismatch(model.state_dict(), weights)

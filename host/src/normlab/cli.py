@@ -245,7 +245,9 @@ def _show(run_dir: str, everything: bool) -> int:
     points = expand(run_dir)
     if points is not None:  # a launch group: each point's seed-group table
         for i, point in enumerate(points):
-            print(f"{chr(10) if i else ''}point {Path(point).name}:")
+            if i:
+                print()
+            print(f"point {Path(point).name}:")
             _show(point, everything)
         return EXIT_OK
     if is_group(run_dir):
@@ -398,6 +400,7 @@ def compare_table(entries: list[_Entry], keys: list[str] | None = None, cost: bo
 
 def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None, cost: bool = False) -> int:
     from .launch import expand
+    from .results import unwritable_folder
 
     if plot is not None:  # refused before anything is read, as a bad --out is
         where = Path(plot)
@@ -405,8 +408,8 @@ def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None, cos
             raise UsageError(f"--plot {plot}: expected a file name ending in .png")
         if where.is_dir():
             raise UsageError(f"--plot {plot}: expected a file; a directory of that name exists")
-        parent = next(p for p in [*where.parents, Path(".")] if p.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        parent = unwritable_folder(where.parent)
+        if parent is not None:
             raise UsageError(f"--plot {plot}: cannot write there ({parent} is not a writable directory)")
     entries = []
     for d in [p for d in run_dirs for p in (expand(d) or [d])]:  # a launch group: its points

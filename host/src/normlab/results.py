@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = ["read_results", "write_outcomes", "read_outcomes", "OUTCOMES", "write_atomic", "write_json_atomic",
-           "write_text_atomic"]
+           "write_text_atomic", "unwritable_folder"]
 
 MAX_RESULTS_BYTES = 64 << 20
 
@@ -29,6 +29,13 @@ def write_atomic(path: str | Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def unwritable_folder(path: Path) -> Path | None:
+    """The nearest existing path at or above ``path``, when files cannot be made below it there (not a
+    directory, or not writable); None when they can. For refusing an output path before any work."""
+    there = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    return None if there.is_dir() and os.access(there, os.W_OK | os.X_OK) else there
 
 
 def write_json_atomic(path: str | Path, data) -> None:

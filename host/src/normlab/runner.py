@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from . import __version__, distributed
-from .checkpoint import last_checkpoint, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
 from .context import Context
 from .data import DataBundle, build_data, fingerprint, fixed_order, take
@@ -36,7 +36,7 @@ from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_
 from .model import (NormlabNet, apply_norm_hooks, check_input, create_backbone, input_stats, load_state_file,
                     load_weights, set_trainable, top_level_layers, weights_mismatch)
 from .plots import training_curves
-from .results import read_results, write_json_atomic, write_outcomes, write_text_atomic
+from .results import read_results, unwritable_folder, write_json_atomic, write_outcomes, write_text_atomic
 from .train import train
 
 __all__ = ["Run", "RunResult", "GroupResult", "prepare", "run", "evaluate", "load_model"]
@@ -400,8 +400,8 @@ def _new_run_dir(out: str | Path | None, source: str, resume: bool, marker: str 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: expected a directory; a file of that name exists")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = unwritable_folder(out)
+    if parent is not None:
         raise UsageError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
     holder = _holder(out) if out.is_dir() else None
     if holder is not None:
@@ -733,9 +733,6 @@ def _from_run_dir(run_dir: str | Path, overrides: Sequence[str], plugins, quiet)
     cfg.model.pretrained = False  # the run's own checkpoint replaces any initial weights
     r = prepare(cfg, str(run_dir / "run.yaml"), plugins, quiet)
     r.build(load_init=False)
-    if last_checkpoint(run_dir) is None:
-        raise UsageError(f"{run_dir}: no trained weights (checkpoints/last.json is missing: the run stopped before "
-                         f"its first epoch ended)")
     r.loaded_epoch = int(load_checkpoint(run_dir, r.model).get("epoch", 0))
     r.dir = run_dir
     return r

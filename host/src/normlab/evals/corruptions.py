@@ -111,6 +111,7 @@ from tqdm.auto import tqdm
 
 from ..data import fixed_order
 from ..errors import UsageError
+from ..results import unwritable_folder
 from ..train import evaluate_accuracy
 from . import Evaluator
 from .settings import COMMON, VALIDATION, CorruptionsConfig
@@ -716,8 +717,8 @@ def check(run, cfg: CorruptionsConfig) -> None:
     name, where = run.config.data.name, f"{run.source}: {cfg.key}.source"
     if cfg.source == "generate":
         root = Path(cfg.cache_dir or _default_cache()).expanduser()
-        there = next(p for p in [root, *root.parents] if p.exists())
-        if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        there = unwritable_folder(root)
+        if there is not None:
             raise UsageError(f"{run.source}: {cfg.key}.cache_dir: the generated sets are written and "
                              f"locked under {root}, but {there} is not a writable directory; set cache_dir (or "
                              f"NORMLAB_DATA) to one that is")
