@@ -417,8 +417,19 @@ def _compare(run_dirs: list[str], keys: str | None, plot: str | None = None, cos
         while e.name in [x.name for x in entries]:
             e.name += "'"
         entries.append(e)
-    sep = ";" if keys and ";" in keys else ","  # grid sweeps' keys hold commas (sweep/lam=0,width=1.0/...)
-    print(compare_table(entries, [k.strip() for k in keys.split(sep) if k.strip()] if keys else None, cost))
+    wanted = None
+    if keys is not None:
+        sep = ";" if ";" in keys else ","  # grid sweeps' keys hold commas (sweep/lam=0,width=1.0/...)
+        wanted = [k.strip() for k in keys.split(sep) if k.strip()]
+        held = list(dict.fromkeys(k for e in entries for k in e.metrics))
+        unknown = [k for k in wanted if k not in held]
+        if not wanted or unknown:
+            shown = [k for k in held if not _interval_key(k)]
+            listed = ", ".join(shown[:12]) + (f" and {len(shown) - 12} more (normlab show RUN --all)"
+                                              if len(shown) > 12 else "")
+            raise UsageError(f"--keys {keys!r}: " + (f"{unknown[0]!r} is in none of the runs" if unknown
+                             else "expected a comma list of metric keys") + f"; they hold: {listed}")
+    print(compare_table(entries, wanted, cost))
     if plot:
         from .plots import sara_plot
 

@@ -30,6 +30,7 @@ from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_y
 from .context import Context
 from .data import DataBundle, build_data, fingerprint, fixed_order, take
 from .errors import RunFailure, UsageError
+from .layers.taps import skip_padding_taps
 from .evals import EVALUATORS, BuiltinEvaluators, Report
 from .evals.settings import SETTINGS, validate, validate_evaluators
 from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_excluded
@@ -194,6 +195,7 @@ class Run:
         if init is not None:  # weights of a model the plugins reshape (another NF or OAT run) fit only now
             load_weights(model, init, self.source, "model.checkpoint")
             self.checkpoint_stage = "after"
+        skip_padding_taps(model)  # exact: small maps' convolutions skip the taps that meet only padding
         self._install_feature_hooks()
         model.to(self.device)
         if self.channels_last:

@@ -1,0 +1,95 @@
+"""Convolutions that skip the kernel taps which only ever meet zero padding (exact).
+
+On a small feature map the outer taps of a padded convolution never touch the
+input: a 3x3 convolution with padding 1 on a 1x1 map uses only its centre
+weight; a stride-2 one on a 2x2 map only its lower-right 2x2. Such maps are
+what timm's ImageNet stems leave at 16-32 px (resnet18's layer4 is 1x1 at
+32x32). Every product with a padding zero is zero, so convolving with the
+slice of the kernel that meets the input (and the padding shrunk to match)
+gives the same sums without their zero terms, and the kernel's gradient is
+zero on the skipped taps either way. oneDNN does not skip them, and its kernel
+gradient at 1x1 maps is slow: on an AVX2 CPU, one thread, batch 128, a
+512-channel 3x3 convolution on 1x1 maps takes 5 ms forward and 143 ms for the
+kernel gradient, against 1.5 ms for the 1x1 convolution that is its centre tap
+(measurements: benchmarks/README.md, "Padding taps").
+
+:func:`skip_padding_taps` gives every ``nn.Conv2d`` of a model (subclasses
+that convolve through ``_conv_forward`` included, such as slim's) a
+``_conv_forward`` of its own that crops the kernel to its live taps for the
+input's size; nothing else changes: parameters, state dicts, module types and
+the outputs' shapes are those of the plain model. Cropping happens only where
+the cropped convolution gives the same output size; otherwise the plain one runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["live_taps", "skip_padding_taps", "padding_taps_kept"]
+
+
+@functools.lru_cache(maxsize=4096)
+def live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
+    """The taps ``[first, last)`` of one kernel dimension that meet the input (not the padding) at some
+    output position; ``(0, kernel)`` when every tap does or the convolution has no output."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    live = [i for i in range(kernel) if any(0 <= o * stride + i * dilation - padding < size for o in range(out))]
+    return (live[0], live[-1] + 1) if live else (0, kernel)
+
+
+def _cropped(first: int, last: int, kernel: int, stride: int, padding: int, dilation: int,
+             size: int) -> int | None:
+    """The padding that makes taps ``[first, last)`` alone give the plain output size, or None."""
+    if (first, last) == (0, kernel):
+        return None
+    pad = padding - first * dilation
+    same = (size + 2 * pad - dilation * (last - first - 1) - 1) // stride == \
+           (size + 2 * padding - dilation * (kernel - 1) - 1) // stride
+    return pad if same else None
+
+
+def _conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    plain = type(self)._conv_forward
+    if self.padding_mode != "zeros" or isinstance(self.padding, str):
+        return plain(self, x, weight, bias)
+    crop = []
+    for dim in (0, 1):
+        k, s, p, d = self.kernel_size[dim], self.stride[dim], self.padding[dim], self.dilation[dim]
+        first, last = live_taps(x.shape[dim - 2], k, s, p, d)
+        crop.append((first, last, _cropped(first, last, k, s, p, d, x.shape[dim - 2])))
+    (h0, h1, ph), (w0, w1, pw) = crop
+    if ph is None and pw is None:
+        return plain(self, x, weight, bias)
+    if ph is None:
+        h0, h1, ph = 0, self.kernel_size[0], self.padding[0]
+    if pw is None:
+        w0, w1, pw = 0, self.kernel_size[1], self.padding[1]
+    return F.conv2d(x, weight[:, :, h0:h1, w0:w1], bias, self.stride, (ph, pw), self.dilation, self.groups)
+
+
+def skip_padding_taps(model: nn.Module) -> int:
+    """Make every ``nn.Conv2d`` of ``model`` skip the taps that meet only padding; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and "_conv_forward" not in m.__dict__:
+            m._conv_forward = types.MethodType(_conv_forward, m)
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def padding_taps_kept(model: nn.Module) -> Iterator[None]:
+    """Every convolution of ``model`` as plain ``nn.Conv2d`` computes it (all taps) for the block."""
+    saved = {m: m.__dict__.pop("_conv_forward") for m in model.modules() if "_conv_forward" in m.__dict__}
+    try:
+        yield
+    finally:
+        for m, fn in saved.items():
+            m._conv_forward = fn

@@ -1,0 +1,101 @@
+"""Convolutions skip the kernel taps that meet only zero padding (normlab.layers.taps): the same numbers."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.layers import live_taps, padding_taps_kept, skip_padding_taps
+
+
+def test_live_taps_by_hand():
+    assert live_taps(1, 3, 1, 1, 1) == (1, 2)  # 3x3, padding 1, on a 1x1 map: the centre only
+    assert live_taps(2, 3, 2, 1, 1) == (1, 3)  # stride 2 on a 2x2 map: one output at -1..1, taps 1 and 2
+    assert live_taps(2, 3, 1, 1, 1) == (0, 3)  # stride 1 on 2x2: every tap meets the input somewhere
+    assert live_taps(1, 7, 2, 3, 1) == (3, 4)  # an ImageNet stem's 7x7 on a 1x1 input
+    assert live_taps(3, 3, 1, 2, 2) == (0, 3)  # dilation 2: taps at -2, 0, 2 around each output
+    assert live_taps(1, 3, 1, 2, 2) == (1, 2)
+    assert live_taps(8, 3, 1, 1, 1) == (0, 3)
+
+
+CASES = [  # (in, out, kernel, stride, padding, dilation, groups, input size)
+    (8, 6, 3, 1, 1, 1, 1, (1, 1)),
+    (8, 6, 3, 2, 1, 1, 1, (2, 2)),
+    (8, 6, 3, 2, 1, 1, 1, (2, 3)),
+    (8, 6, 3, 1, 1, 1, 1, (2, 2)),   # nothing to skip
+    (8, 8, 3, 1, 1, 1, 4, (1, 2)),   # grouped, a 1x2 map: rows cropped, columns kept
+    (3, 6, 7, 2, 3, 1, 1, (1, 1)),
+    (3, 6, 7, 2, 3, 1, 1, (3, 3)),
+    (8, 6, 5, 1, 2, 1, 1, (1, 4)),
+    (8, 6, 3, 1, 2, 2, 1, (1, 1)),
+    (8, 6, (3, 1), 1, (1, 0), 1, 1, (1, 5)),
+]
+
+
+@pytest.mark.parametrize("cin, cout, k, s, p, d, g, size", CASES)
+def test_a_cropped_convolution_gives_the_plain_numbers(cin, cout, k, s, p, d, g, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=True).double()
+    x = torch.randn(5, cin, *size, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        y = conv(x)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
+        gx, gw, gb = torch.autograd.grad(y, (x, conv.weight, conv.bias), gy)
+        return y, gx, gw, gb
+
+    plain = run()
+    assert skip_padding_taps(conv) == 1
+    calls = []
+    real = F.conv2d
+    try:
+        F.conv2d = lambda inp, w, *a: calls.append(tuple(w.shape[-2:])) or real(inp, w, *a)
+        cropped = run()
+    finally:
+        F.conv2d = real
+    for a, b in zip(plain, cropped):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    kh, kw = conv.kernel_size
+    rows = live_taps(size[0], kh, conv.stride[0], conv.padding[0], conv.dilation[0])
+    cols = live_taps(size[1], kw, conv.stride[1], conv.padding[1], conv.dilation[1])
+    assert calls == [(rows[1] - rows[0], cols[1] - cols[0])]  # it ran on the live taps alone
+    # the skipped taps' gradient is zero, as the plain convolution's is: they meet only zeros
+    mask = torch.zeros(kh, kw, dtype=torch.bool)
+    mask[rows[0]:rows[1], cols[0]:cols[1]] = True
+    assert torch.equal(plain[2][..., ~mask], torch.zeros_like(plain[2][..., ~mask]))
+
+
+def test_resnet18_at_32px_skips_layer4s_padding_and_gives_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).double().eval()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, i, o, name=name: shapes.__setitem__(name, i[0].shape[-1]))
+
+    def run():
+        out = model(x)
+        return (out, *torch.autograd.grad(out.square().sum(), [model.conv1.weight, model.layer4[1].conv2.weight]))
+
+    plain = run()
+    assert skip_padding_taps(model) == 20
+    cropped = run()
+    for a, b in zip(plain, cropped):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert shapes["layer4.1.conv2"] == 1 and shapes["layer4.0.conv1"] == 2  # the maps the crop is for
+    with padding_taps_kept(model):
+        assert "_conv_forward" not in model.layer4[1].conv2.__dict__
+    assert "_conv_forward" in model.layer4[1].conv2.__dict__
+    # a deep copy's convolutions crop with their own weights (benchmarks copy models)
+    twin = copy.deepcopy(model)
+    assert twin.layer4[1].conv1._conv_forward.__self__ is twin.layer4[1].conv1
+    with torch.no_grad():
+        twin.layer4[1].conv1.weight.mul_(2)
+        f = torch.randn(2, 512, 1, 1, dtype=torch.float64)
+        torch.testing.assert_close(twin.layer4[1].conv1(f), 2 * model.layer4[1].conv1(f))
+    assert skip_padding_taps(model) == 0  # once per convolution
