@@ -21,22 +21,25 @@ def test_live_taps_by_hand():
     assert live_taps(8, 3, 1, 1, 1) == (0, 3)
 
 
-CASES = [  # (in, out, kernel, stride, padding, dilation, groups, input size)
-    (8, 6, 3, 1, 1, 1, 1, (1, 1)),
-    (8, 6, 3, 2, 1, 1, 1, (2, 2)),
-    (8, 6, 3, 2, 1, 1, 1, (2, 3)),
-    (8, 6, 3, 1, 1, 1, 1, (2, 2)),   # nothing to skip
-    (8, 8, 3, 1, 1, 1, 4, (1, 2)),   # grouped, a 1x2 map: rows cropped, columns kept
-    (3, 6, 7, 2, 3, 1, 1, (1, 1)),
-    (3, 6, 7, 2, 3, 1, 1, (3, 3)),
-    (8, 6, 5, 1, 2, 1, 1, (1, 4)),
-    (8, 6, 3, 1, 2, 2, 1, (1, 1)),
-    (8, 6, (3, 1), 1, (1, 0), 1, 1, (1, 5)),
+CASES = [  # (in, out, kernel, stride, padding, dilation, groups, input size, what runs: by hand)
+    (8, 6, 3, 1, 1, 1, 1, (1, 1), ("linear", 8)),        # the centre tap: one output, a matrix product
+    (8, 6, 3, 2, 1, 1, 1, (2, 2), ("linear", 8 * 4)),    # taps 1..2 meet the 2x2 map at one output
+    (8, 6, 3, 2, 1, 1, 1, (2, 3), ("conv", (2, 3))),
+    (8, 6, 3, 1, 1, 1, 1, (2, 2), ("conv", (3, 3))),     # nothing to skip
+    (8, 8, 3, 1, 1, 1, 4, (1, 2), ("conv", (1, 3))),     # grouped, a 1x2 map: rows cropped, columns kept
+    (3, 6, 7, 2, 3, 1, 1, (1, 1), ("linear", 3)),
+    (3, 6, 7, 2, 3, 1, 1, (3, 3), ("conv", (5, 5))),
+    (8, 6, 5, 1, 2, 1, 1, (1, 4), ("conv", (1, 5))),
+    (8, 6, 3, 1, 2, 2, 1, (1, 1), ("linear", 8)),
+    (8, 6, (3, 1), 1, (1, 0), 1, 1, (1, 5), ("conv", (1, 1))),
+    (8, 6, 1, 2, 0, 1, 1, (2, 2), ("linear", 8)),        # resnet's 1x1 stride-2 downsample: pixel (0, 0)
+    (4, 6, 3, 1, 0, 2, 1, (5, 5), ("linear", 4 * 9)),    # dilated, unpadded: one output from 9 of 25 pixels
+    (4, 6, 2, 3, 0, 1, 1, (3, 4), ("linear", 4 * 4)),    # the stride leaves room for one output only
 ]
 
 
-@pytest.mark.parametrize("cin, cout, k, s, p, d, g, size", CASES)
-def test_a_cropped_convolution_gives_the_plain_numbers(cin, cout, k, s, p, d, g, size):
+@pytest.mark.parametrize("cin, cout, k, s, p, d, g, size, runs", CASES)
+def test_a_cropped_convolution_gives_the_plain_numbers(cin, cout, k, s, p, d, g, size, runs):
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=True).double()
     x = torch.randn(5, cin, *size, dtype=torch.float64, requires_grad=True)
@@ -50,23 +53,38 @@ def test_a_cropped_convolution_gives_the_plain_numbers(cin, cout, k, s, p, d, g,
     plain = run()
     assert skip_padding_taps(conv) == 1
     calls = []
-    real = F.conv2d
+    real_conv, real_linear = F.conv2d, F.linear
     try:
-        F.conv2d = lambda inp, w, *a: calls.append(tuple(w.shape[-2:])) or real(inp, w, *a)
+        F.conv2d = lambda inp, w, *a: calls.append(("conv", tuple(w.shape[-2:]))) or real_conv(inp, w, *a)
+        F.linear = lambda inp, w, *a: calls.append(("linear", w.shape[1])) or real_linear(inp, w, *a)
         cropped = run()
     finally:
-        F.conv2d = real
+        F.conv2d, F.linear = real_conv, real_linear
     for a, b in zip(plain, cropped):
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert calls == [runs]  # it ran on the live taps alone, as a matrix product where one output is left
     kh, kw = conv.kernel_size
     rows = live_taps(size[0], kh, conv.stride[0], conv.padding[0], conv.dilation[0])
     cols = live_taps(size[1], kw, conv.stride[1], conv.padding[1], conv.dilation[1])
-    assert calls == [(rows[1] - rows[0], cols[1] - cols[0])]  # it ran on the live taps alone
     # the skipped taps' gradient is zero, as the plain convolution's is: they meet only zeros
     mask = torch.zeros(kh, kw, dtype=torch.bool)
     mask[rows[0]:rows[1], cols[0]:cols[1]] = True
     assert torch.equal(plain[2][..., ~mask], torch.zeros_like(plain[2][..., ~mask]))
+
+
+def test_one_output_position_in_channels_last_and_an_empty_batch():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, 2, 1).double()
+    x = torch.randn(4, 6, 2, 2, dtype=torch.float64).to(memory_format=torch.channels_last)
+    plain = conv(x)
+    skip_padding_taps(conv)
+    torch.testing.assert_close(conv(x), plain, rtol=1e-12, atol=1e-12)
+    conv.to(memory_format=torch.channels_last)  # a channels-last kernel flattens (H, W, C), the pixels with it
+    for inp in (x, x.contiguous()):
+        torch.testing.assert_close(conv(inp), plain, rtol=1e-12, atol=1e-12)
+    assert conv(x[:0]).shape == (0, 5, 1, 1)
+    torch.testing.assert_close(conv(x[1]), plain[1], rtol=1e-12, atol=1e-12)  # an unbatched input, as nn.Conv2d takes
 
 
 def test_resnet18_at_32px_skips_layer4s_padding_and_gives_the_same_logits_and_gradients():

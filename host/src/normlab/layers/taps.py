@@ -19,6 +19,13 @@ that convolve through ``_conv_forward`` included, such as slim's) a
 input's size; nothing else changes: parameters, state dicts, module types and
 the outputs' shapes are those of the plain model. Cropping happens only where
 the cropped convolution gives the same output size; otherwise the plain one runs.
+
+Where what is left has one output position and no padding (the cropped 3x3
+convolutions on 1x1 maps, a stride-2 one on a 2x2 map, a 1x1 downsample of a
+2x2 map), the convolution is one matrix product of the pixels it meets with the
+flattened kernel, and runs as ``F.linear`` (the same sums; on the AVX2 CPU above
+the matrix product is 3-6x faster there than oneDNN's convolution, forward and
+backward).
 """
 
 from __future__ import annotations
@@ -65,12 +72,22 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: 
         first, last = live_taps(x.shape[dim - 2], k, s, p, d)
         crop.append((first, last, _cropped(first, last, k, s, p, d, x.shape[dim - 2])))
     (h0, h1, ph), (w0, w1, pw) = crop
-    if ph is None and pw is None:
-        return plain(self, x, weight, bias)
+    cropped = ph is not None or pw is not None
     if ph is None:
         h0, h1, ph = 0, self.kernel_size[0], self.padding[0]
     if pw is None:
         w0, w1, pw = 0, self.kernel_size[1], self.padding[1]
+    reach_h, reach_w = self.dilation[0] * (h1 - h0 - 1) + 1, self.dilation[1] * (w1 - w0 - 1) + 1
+    if self.groups == 1 and x.dim() == 4 and ph == pw == 0 and 0 <= x.shape[-2] - reach_h < self.stride[0] \
+            and 0 <= x.shape[-1] - reach_w < self.stride[1]:
+        # one output position and no padding left: the convolution is one matrix product of the pixels it meets
+        seen = x[:, :, :reach_h:self.dilation[0], :reach_w:self.dilation[1]]
+        w = weight[:, :, h0:h1, w0:w1]
+        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+            seen, w = seen.permute(0, 2, 3, 1), w.permute(0, 2, 3, 1)  # flatten (H, W, C): whole rows of C, no gather
+        return F.linear(seen.flatten(1), w.flatten(1), bias).view(x.shape[0], w.shape[0], 1, 1)
+    if not cropped:
+        return plain(self, x, weight, bias)
     return F.conv2d(x, weight[:, :, h0:h1, w0:w1], bias, self.stride, (ph, pw), self.dilation, self.groups)
 
 
