@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +203,11 @@ def test_out_that_is_a_file_or_not_writable_exits_2(tmp_path, write_yaml, capsys
     assert code == 2 and re.search(r"--out .*results.txt: expected a directory; a file of that name exists", err)
     code, _, err = run_cli(["run", path, "--out", afile / "run"], capsys)
     assert code == 2 and "is not a writable directory" in err and afile.read_text() == "keep me"
+    # what only making the directory tells: a name too long for the file system, /proc (no folders there)
+    for out, why in ((tmp_path / "a" / ("x" * 300), "File name too long"), (Path("/proc/normlab-run"), "")):
+        code, _, err = run_cli(["run", path, "--out", out], capsys)
+        assert code == 2 and f"--out {out}: cannot" in err and why in err and len(err.strip().splitlines()) == 1
+        assert not os.path.lexists(out) and not (tmp_path / "a").exists()  # the folders tried are gone again
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -230,7 +236,20 @@ def test_bad_overrides(tmp_path, write_yaml, capsys):
     assert code == 2 and "train.epochs: Input should be greater than or equal to 0" in err
     code, _, err = run_cli(["run", path, "--out", tmp_path / "o", "--set", "seed.x=1"], capsys)
     assert code == 2 and "seed is not a mapping" in err
+    # a refused key the flag added is named by the flag, not by the run file it was applied to
+    for item, said in (("trian.lr=1", "--set trian.lr=1: trian: unknown key"),
+                       ("plugins.noize={}", "--set plugins.noize={}: plugins: unknown plugin 'noize'"),
+                       ("model.kwargs.bogus=1", "--set model.kwargs.bogus=1: model.kwargs: "),
+                       ("train.lr=-1", "--set train.lr=-1: train.lr: ")):
+        code, _, err = run_cli(["run", path, "--out", tmp_path / "o", "--set", "train.epochs=1", "--set", item], capsys)
+        assert code == 2 and err.startswith(f"normlab: error: {said}"), (item, err)
     assert not (tmp_path / "o").exists()
+    code, _, err = run_cli(["run", tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"{tmp_path}: expected a run file (YAML), got a directory" in err
+    # ... and a problem of the run file itself still names the file, beside an unrelated flag
+    bad = write_yaml("seed: 0\ntrian: {lr: 1}\n")
+    code, _, err = run_cli(["run", bad, "--out", tmp_path / "o", "--set", "train.lr=1"], capsys)
+    assert code == 2 and f"{bad}: trian: unknown key" in err
 
 
 def test_existing_out_dir_is_refused(tmp_path, write_yaml, capsys):

@@ -87,6 +87,15 @@ def test_a_second_process_on_the_same_run_directory_exits_2_naming_the_holder(fi
     code, _, err = cli(["run", path, "--out", busy, "--set", "data.n_train=128", "--set", "data.image_size=16",
                         "--set", "evaluate.clean.n_examples=50"], capsys)
     assert code == 0, err  # the lock file alone does not make the directory "not empty"
+    damaged = _copy(ref.dir, tmp_path / "damaged")
+    (damaged / LOCK).unlink(missing_ok=True)
+    (damaged / LOCK).mkdir()  # a folder where the lock file goes
+    fresh = tmp_path / "fresh"
+    (fresh / LOCK).mkdir(parents=True)
+    for args in (["eval", damaged], ["run", path, "--out", fresh]):
+        code, _, err = cli(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"{args[-1] / LOCK}: cannot open the run " \
+            "directory's lock file (Is a directory)" in err, (args, err)
 
 
 def _copy(run_dir, dest):
@@ -218,3 +227,28 @@ def test_a_run_directory_from_an_earlier_version_resumes(finished, tmp_path):
     assert len(res.history) == 3
     assert res.history[:2] == ref.history  # epochs 1 and 2 were kept, not trained again
     assert "resuming after epoch 2" in (d / "log.txt").read_text()
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a hostile .pt checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_checkpoint_that_runs_code_is_refused_in_one_line_and_never_unpickled(tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "weights.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}, protocol=4))
+    path = tmp_path / "run.yaml"
+    path.write_text(f"seed: 0\nmodel: {{name: {TINY_MODEL}, checkpoint: {evil}}}\ntrain: {{epochs: 1}}\n")
+    code, _, err = cli(["run", path, "--out", tmp_path / "out"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err  # no torch warning about the pickle protocol beside it
+    assert f"model.checkpoint: cannot read {str(evil)!r} as weights: a pickle that holds more than tensors" in lines[0]
+    assert not marker.exists() and not (tmp_path / "out").exists()

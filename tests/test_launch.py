@@ -57,6 +57,20 @@ def test_a_bad_grid_value_is_refused_before_anything_is_submitted(tmp_path, writ
     assert "--grid train.lr: expected KEY=V1,V2" in capsys.readouterr().err
     assert main(["launch", str(path), "--grid", "seed=1,2", "--out", str(group)]) == 2
     assert "use --seeds for seeds" in capsys.readouterr().err
+    # what only building the model finds (an unknown timm name in the second point) is refused before too
+    code = main(["launch", str(path), "--grid", "model.name=resnet18,resnet1800", "--out", str(group)])
+    assert code == 2 and "model.name: unknown timm model 'resnet1800'" in capsys.readouterr().err
+    assert main(["launch", str(path), "--seeds", "0,0", "--out", str(group)]) == 2  # two jobs, one seed-0
+    assert "--seeds 0,0: expected each seed once" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main(["launch", str(path), "--out", str(afile)]) == 2
+    assert "a file of that name exists" in capsys.readouterr().err and afile.read_text() == "keep"
+    for grid, said in (("train.lrr=0.1,0.2", "--grid train.lrr=0.1,0.2: train.lrr: unknown key"),
+                       ("train.lr=[1,2", "--grid train.lr=[1,2: invalid YAML")):
+        assert main(["launch", str(path), "--grid", grid, "--out", str(group)]) == 2
+        assert capsys.readouterr().err.startswith(f"normlab: error: {said}"), grid
+    assert not group.exists()
 
 
 def test_slurm_without_sbatch_is_refused_before_the_group_is_written(tmp_path, write_yaml, capsys, monkeypatch):

@@ -548,17 +548,31 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def _blame_override(message: str, overrides: list[str] | None) -> str:
-    """A refused setting that a ``--set`` gave is named by that flag, not by the run file it was applied to:
-    ``FILE: data.batch_size: ...`` becomes ``--set data.batch_size=big: data.batch_size: ...``."""
+def _blame_override(message: str, flags: list[tuple[str, str]]) -> str:
+    """A refused setting that a ``--set`` (or ``--grid``) gave is named by that flag, not by the run file it
+    was applied to: ``FILE: data.batch_size: ...`` becomes ``--set data.batch_size=big: data.batch_size: ...``.
+
+    The flag's key is blamed where the refused key lies at or under it, or where the refused key is above it
+    and the message is about what the flag added (an unknown key, or the name of the flag's next segment:
+    ``--set plugins.noize={}`` for ``FILE: plugins: unknown plugin 'noize'``)."""
     import re
 
     from .config import _cut
 
-    for item in reversed(overrides or []):
+    found = re.match(r"([^:]+): ([^:\s]+): (.*)", message)
+    if found is None:
+        return message
+    where, rest = found.group(2), found.group(3)
+    for flag, item in reversed(flags):
         key = item.split("=", 1)[0].strip()
-        if key and re.match(rf"[^:]+: {re.escape(key)}(?:[.\[:]|$)", message):
-            return f"--set {_cut(item)}: " + message.split(": ", 1)[1]
+        parts = key.split(".")
+        above = where.split(".")
+        if not key:
+            continue
+        if re.fullmatch(rf"{re.escape(key)}(?:[.\[].*)?", where) or (
+                len(above) < len(parts) and parts[:len(above)] == above
+                and (rest.startswith("unknown key") or re.search(rf"\b{re.escape(parts[len(above)])}\b", rest))):
+            return f"{flag} {_cut(item)}: " + message.split(": ", 1)[1]
     return message
 
 
@@ -610,8 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun directory: {result.dir}")
         return EXIT_OK
     except UsageError as e:
-        print(f"normlab: {_rank()}error: {_blame_override(str(e), getattr(args, 'overrides', None))}",
-              file=sys.stderr)
+        flags = [("--set", o) for o in getattr(args, "overrides", None) or []]
+        flags += [("--grid", g) for g in getattr(args, "grid", None) or []]
+        print(f"normlab: {_rank()}error: {_blame_override(str(e), flags)}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailure as e:
         print(f"normlab: {_rank()}run failed: {e}", file=sys.stderr)

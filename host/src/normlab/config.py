@@ -309,7 +309,8 @@ def read_yaml(path: Path) -> dict:
     """Read a run file's YAML mapping with :func:`safe_yaml`; any problem is a UsageError naming the file."""
     source = str(path)
     if not path.is_file():
-        raise UsageError(f"{source}: no such run file")
+        raise UsageError(f"{source}: " + ("expected a run file (YAML), got a directory" if path.is_dir()
+                                          else "no such run file"))
     with open(path, "rb") as f:
         raw = f.read(MAX_YAML_BYTES + 1)
     data = safe_yaml(raw, source)

@@ -8,10 +8,11 @@ interval), so ``normlab compare GROUP`` puts the points side by side with their 
 
 Relaunching the same command skips every finished run (its ``results.json`` exists), resumes the
 unfinished ones from their last checkpoint, and writes the summaries once all are done. Every point is
-validated (run file, overrides, plugins, settings) before the first job is submitted, so a bad grid
-value exits 2 with nothing submitted. Each job is ``normlab.runner.run`` in its own process, submitted by
-submitit (jobs and their logs under ``GROUP/.submitit``); with the local executor at most ``--parallel``
-run at once (default 1: each run already uses the machine's cores).
+validated (run file, overrides, plugins, settings, the model and data built as a run builds them) before
+the first job is submitted, so a bad grid value exits 2 with nothing written or submitted. Each job is
+``normlab.runner.run`` in its own process, submitted by submitit (jobs and their logs under
+``GROUP/.submitit``); with the local executor at most ``--parallel`` run at once (default 1: each run
+already uses the machine's cores).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Sequence
 
 import yaml
 
+from .config import _cut, safe_yaml
 from .errors import RunFailure, UsageError
-from .results import read_json, write_json_atomic, write_text_atomic
+from .results import read_json, unmakeable_dir, write_json_atomic, write_text_atomic
 
 __all__ = ["parse_grid", "launch", "run_point", "LAUNCH_FILE"]
 
@@ -62,6 +64,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
         vals = [v.strip() for v in _split(values)]
         if not all(vals) or len(set(vals)) != len(vals):
             raise UsageError(f"--grid {item}: expected distinct, non-empty values")
+        for v in vals:  # YAML as --set reads it, refused here under the flag that gave it
+            safe_yaml(v, f"--grid {_cut(item)}")
         grid[key] = vals
     return grid
 
@@ -105,6 +109,11 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
     out = Path(out)
     if not seeds:
         raise UsageError("--seeds: expected at least one seed, e.g. --seeds 0,1,2")
+    if len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise UsageError(f"--seeds {','.join(map(str, seeds))}: expected each seed once, every one >= 0")
+    why = unmakeable_dir(out)
+    if why is not None:
+        raise UsageError(f"--out {out}: {why}")
     if executor == "slurm" and shutil.which("sbatch") is None:  # before the group directory is written
         raise UsageError("--executor slurm: no Slurm on this machine (sbatch not found); use --executor local")
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
@@ -112,7 +121,8 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
     for point in points:
         sets = [*overrides, *(f"{k}={v}" for k, v in point.items())]
         cfg, source = _load_config(str(file), [*sets, f"seed={seeds[0]}", "seeds=null"])
-        prepare(cfg, source)  # bad input in any point: exit 2 before anything is submitted
+        prepare(cfg, source).build()  # what a run refuses before it writes (model, data, weights): in any
+        # point, exit 2 before anything is written or submitted
         plan[point_name(point)] = {"overrides": sets, "config": cfg}
     out.mkdir(parents=True, exist_ok=True)
     saved = out / LAUNCH_FILE

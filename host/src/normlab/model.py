@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -254,7 +256,13 @@ def load_state_file(path: str | Path, source: str, key: str = "model.checkpoint"
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{source}: {key}: cannot read {str(path)!r} as weights: a pickle that holds more than "
+                         f"tensors, which normlab does not unpickle (torch.load weights_only); save its state dict, "
+                         f"or convert it to .safetensors where it was made") from None
     except Exception as e:
         raise UsageError(f"{source}: {key}: cannot read {str(path)!r} as weights "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None

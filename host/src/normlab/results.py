@@ -3,6 +3,7 @@ import only this)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = ["read_results", "write_outcomes", "read_outcomes", "OUTCOMES", "write_atomic", "write_json_atomic",
-           "write_text_atomic", "unwritable_folder"]
+           "write_text_atomic", "unwritable_folder", "unmakeable_dir"]
 
 MAX_RESULTS_BYTES = 64 << 20
 
@@ -34,8 +35,32 @@ def write_atomic(path: str | Path, write) -> None:
 def unwritable_folder(path: Path) -> Path | None:
     """The nearest existing path at or above ``path``, when files cannot be made below it there (not a
     directory, or not writable); None when they can. For refusing an output path before any work."""
-    there = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    there = next((p for p in [path, *path.parents] if os.path.exists(p)), Path("."))
     return None if there.is_dir() and os.access(there, os.W_OK | os.X_OK) else there
+
+
+def unmakeable_dir(path: Path) -> str | None:
+    """Why an output directory ``path`` can be neither used nor made (a phrase for ``--out PATH: ...``), or
+    None when it can: a file of that name, a folder above it that takes no files, or what the system
+    answers when the directory is made (and at once removed again, with any folders made for it): a name
+    too long, a file system such as /proc. For refusing ``--out`` before any work; nothing is left behind."""
+    if os.path.isdir(path):
+        return None if os.access(path, os.W_OK | os.X_OK) else f"cannot write there ({path} is not writable)"
+    if os.path.lexists(path):
+        return "expected a directory; a file of that name exists"
+    there = unwritable_folder(path)
+    if there is not None:
+        return f"cannot write there ({there} is not a writable directory)"
+    made = [p for p in [path, *path.parents] if not os.path.lexists(p)]  # deepest first
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        return f"cannot make that directory ({e.strerror or type(e).__name__})"
+    finally:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+    return None
 
 
 def write_json_atomic(path: str | Path, data) -> None:

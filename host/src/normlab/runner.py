@@ -37,7 +37,7 @@ from .manager import HOOKS, Hooks, PluginInfo, discover, inspect_plugin, refuse_
 from .model import (NormlabNet, apply_norm_hooks, check_input, create_backbone, input_stats, load_state_file,
                     load_weights, set_trainable, top_level_layers, weights_mismatch)
 from .plots import training_curves
-from .results import read_results, unwritable_folder, write_json_atomic, write_outcomes, write_text_atomic
+from .results import read_results, unmakeable_dir, write_json_atomic, write_outcomes, write_text_atomic
 from .train import train
 
 __all__ = ["Run", "RunResult", "GroupResult", "prepare", "run", "evaluate", "load_model"]
@@ -353,7 +353,11 @@ def _try_lock(run_dir: Path) -> int | str:
     """Take the run directory's exclusive lock; return its fd, or the holder's pid (a str) if it is held."""
     import fcntl
 
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a damaged run directory: a folder or an unreadable file where the lock goes
+        raise UsageError(f"{run_dir / LOCK}: cannot open the run directory's lock file ({e.strerror}); it holds only "
+                         f"the pid of the normlab process using the run: remove it") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -400,11 +404,9 @@ def _new_run_dir(out: str | Path | None, source: str, resume: bool, marker: str 
         stem = Path(source).stem if source != "config" else "run"
         out = Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: expected a directory; a file of that name exists")
-    parent = unwritable_folder(out)
-    if parent is not None:
-        raise UsageError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
+    why = unmakeable_dir(out)
+    if why is not None:
+        raise UsageError(f"--out {out}: {why}")
     holder = _holder(out) if out.is_dir() else None
     if holder is not None:
         raise _busy("--out", out, holder)
@@ -749,7 +751,7 @@ def evaluate(run_dir: str | Path, *, overrides: Sequence[str] = (), plugins: Map
     ``corruptions/acc``); otherwise they replace keys of the same name.
     """
     if name is not None and (not name or "/" in name):
-        raise UsageError(f"--as {name!r}: expected a name without '/'")
+        raise UsageError(f"--as {name!r}: expected a non-empty name without '/'")
     if distributed.launched():
         raise UsageError(f"{run_dir}: normlab eval runs in one process (a distributed run evaluates on rank 0 "
                          f"alone); run it without torchrun")
