@@ -1,8 +1,8 @@
 """A run: resolve plugins, validate settings, build data and model, train, evaluate, write the run directory.
 
-Everything that can reject the input (run file, plugins, data path, model name,
-weights) happens in :func:`prepare`, before the run directory exists, so bad
-input leaves nothing behind.
+Everything that can reject the input happens before the run directory exists, so
+bad input leaves nothing behind: the run file, plugins and settings in
+:func:`prepare`, the data path, model name and weights in :meth:`Run.build`.
 """
 
 from __future__ import annotations
