@@ -40,10 +40,10 @@ def trained(tmp_path_factory, one_thread):
     return res.dir, r
 
 
-def evaluate(run, name, **settings):
-    """Run evaluator ``name`` directly with ``settings``; return its metrics."""
+def evaluate(run, name, report=None, **settings):
+    """Run evaluator ``name`` directly with ``settings``; return its metrics (``report``: the Report to fill)."""
     cfg = validate_section(EVALUATORS[name].config, settings, "test", f"evaluate.{name}")
-    report = Report()
+    report = Report() if report is None else report
     EVALUATORS[name].fn(run.model, Context(run=run), report, cfg)
     return report.metrics
 
@@ -160,8 +160,16 @@ def test_same_seed_same_numbers_and_the_seed_matters(trained):
     a = evaluate(run, "pgd", n_examples=50, eps=0.05, steps=3)
     b = evaluate(run, "pgd", n_examples=50, eps=0.05, steps=3)
     assert a == b
-    runs = [evaluate(run, "square", n_examples=50, eps=0.1, n_queries=20, seed=s)["square/acc"] for s in range(4)]
-    assert len(set(runs)) > 1, runs
+    # which examples a random-search attack breaks depends on its seed (an attack strong enough to break
+    # about half of them: whether a weak one breaks any at all depends on the trained model's rounding)
+    outcomes = []
+    for s in range(4):
+        evaluate(run, "square", report := Report(), n_examples=50, eps=0.15, n_queries=40, seed=s)
+        outcomes.append(tuple(report.outcomes["square/acc"].scores.tolist()))
+    assert len(set(outcomes)) > 1, outcomes
+    again = Report()
+    evaluate(run, "square", again, n_examples=50, eps=0.15, n_queries=40, seed=3)
+    assert tuple(again.outcomes["square/acc"].scores.tolist()) == outcomes[3]  # and the same seed, the same ones
 
 
 class _Fake:

@@ -87,6 +87,29 @@ def test_slurm_without_sbatch_is_refused_before_the_group_is_written(tmp_path, w
     assert not out and not group.exists()
 
 
+def test_slurm_points_are_checked_on_this_cpu_and_submitted_with_their_own_device(tmp_path, write_yaml, capsys,
+                                                                                  monkeypatch):
+    """A login node without a GPU still launches a `train.device: cuda` grid (it exited 2 there)."""
+    import normlab.launch
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    submitted = []
+    monkeypatch.setattr(normlab.launch.shutil, "which", lambda name: "/usr/bin/sbatch")
+    monkeypatch.setattr(normlab.launch, "_executor", lambda *a: None)
+    monkeypatch.setattr(normlab.launch, "_submit", lambda ex, kind, jobs, *a: submitted.extend(jobs) or [])
+    group = tmp_path / "group"
+    path = write_yaml({**TINY, "train": {**TINY["train"], "device": "cuda"}})
+    code = main(["launch", str(path), "--grid", "train.lr=0.1,0.2", "--executor", "slurm", "--no-wait",
+                 "--out", str(group)])
+    assert code == 0, capsys.readouterr().err
+    assert [job[2][1] for job in submitted] == [["train.lr=0.1", "seed=0", "seeds=null"],
+                                                 ["train.lr=0.2", "seed=0", "seeds=null"]]
+    assert "device: cuda" in (group / "train.lr=0.1" / "group.yaml").read_text()
+    code = main(["launch", str(path), "--grid", "train.lr=0.1", "--out", str(tmp_path / "local")])
+    assert code == 2 and "train.device: 'cuda' requested but no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text", ['{"points": [1]}', '{"points": {"../x": []}}', "[]", "{"])
 def test_a_damaged_launch_json_is_one_usage_error(tmp_path, capsys, text):
     (tmp_path / "launch.json").write_text(text)

@@ -121,8 +121,12 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
     for point in points:
         sets = [*overrides, *(f"{k}={v}" for k, v in point.items())]
         cfg, source = _load_config(str(file), [*sets, f"seed={seeds[0]}", "seeds=null"])
-        prepare(cfg, source).build()  # what a run refuses before it writes (model, data, weights): in any
-        # point, exit 2 before anything is written or submitted
+        # what a run refuses before it writes (model, data, weights): in any point, exit 2 before anything is
+        # written or submitted; for Slurm on this machine's CPU (a login node may have no GPU: the jobs'
+        # train.device is checked where they run)
+        here = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})}) \
+            if executor == "slurm" else cfg
+        prepare(here, source).build()
         plan[point_name(point)] = {"overrides": sets, "config": cfg}
     out.mkdir(parents=True, exist_ok=True)
     saved = out / LAUNCH_FILE
