@@ -35,6 +35,7 @@ CASES = [  # (in, out, kernel, stride, padding, dilation, groups, input size, wh
     (8, 6, 1, 2, 0, 1, 1, (2, 2), ("linear", 8)),        # resnet's 1x1 stride-2 downsample: pixel (0, 0)
     (4, 6, 3, 1, 0, 2, 1, (5, 5), ("linear", 4 * 9)),    # dilated, unpadded: one output from 9 of 25 pixels
     (4, 6, 2, 3, 0, 1, 1, (3, 4), ("linear", 4 * 4)),    # the stride leaves room for one output only
+    (8, 6, 3, 1, 1, 2, 1, (3, 3), ("conv", (3, 3))),     # padding 1, dilation 2: cropping would pad by -1
 ]
 
 
@@ -117,3 +118,28 @@ def test_resnet18_at_32px_skips_layer4s_padding_and_gives_the_same_logits_and_gr
         f = torch.randn(2, 512, 1, 1, dtype=torch.float64)
         torch.testing.assert_close(twin.layer4[1].conv1(f), 2 * model.layer4[1].conv1(f))
     assert skip_padding_taps(model) == 0  # once per convolution
+
+
+def test_random_geometries_give_the_plain_numbers():
+    """Kernel, stride, padding, dilation, groups and map size drawn at random (seeded): every convolution with
+    an output gives the plain outputs and gradients in float64, cropped, as a matrix product or unchanged."""
+    import random
+
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    checked = 0
+    while checked < 300:
+        k, s, p, d = ([rng.randint(1, hi), rng.randint(1, hi)] for hi in (5, 3, 3, 3))
+        g, size = rng.choice([1, 1, 2]), [rng.randint(1, 6), rng.randint(1, 6)]
+        if any((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] < 0 for i in (0, 1)):
+            continue  # no output: the plain convolution refuses it too
+        conv = nn.Conv2d(2 * g, 3 * g, k, s, p, d, g, bias=rng.random() < 0.5).double()
+        x = torch.randn(2, 2 * g, *size, dtype=torch.float64, requires_grad=True)
+        y = conv(x)
+        gy = torch.randn_like(y)
+        plain = (y, *torch.autograd.grad(y, (x, conv.weight), gy))
+        skip_padding_taps(conv)
+        y = conv(x)
+        for a, b in zip(plain, (y, *torch.autograd.grad(y, (x, conv.weight), gy))):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"k {k} s {s} p {p} d {d} g {g} {size}")
+        checked += 1

@@ -57,6 +57,8 @@ def _cropped(first: int, last: int, kernel: int, stride: int, padding: int, dila
     if (first, last) == (0, kernel):
         return None
     pad = padding - first * dilation
+    if pad < 0:  # a padding that is not a multiple of the dilation: the live taps start inside the input
+        return None
     same = (size + 2 * pad - dilation * (last - first - 1) - 1) // stride == \
            (size + 2 * padding - dilation * (kernel - 1) - 1) // stride
     return pad if same else None
