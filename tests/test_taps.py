@@ -121,8 +121,9 @@ def test_resnet18_at_32px_skips_layer4s_padding_and_gives_the_same_logits_and_gr
 
 
 def test_random_geometries_give_the_plain_numbers():
-    """Kernel, stride, padding, dilation, groups and map size drawn at random (seeded): every convolution with
-    an output gives the plain outputs and gradients in float64, cropped, as a matrix product or unchanged."""
+    """Kernel, stride, padding, dilation, groups, map size and layouts drawn at random (seeded): every
+    convolution with an output gives the plain outputs and gradients in float64, cropped, as a matrix product
+    or unchanged."""
     import random
 
     rng = random.Random(0)
@@ -134,7 +135,12 @@ def test_random_geometries_give_the_plain_numbers():
         if any((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] < 0 for i in (0, 1)):
             continue  # no output: the plain convolution refuses it too
         conv = nn.Conv2d(2 * g, 3 * g, k, s, p, d, g, bias=rng.random() < 0.5).double()
-        x = torch.randn(2, 2 * g, *size, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(2, 2 * g, *size, dtype=torch.float64)
+        if rng.random() < 0.5:  # either layout, for the kernel and for the input
+            conv.to(memory_format=torch.channels_last)
+        if rng.random() < 0.5:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_()
         y = conv(x)
         gy = torch.randn_like(y)
         plain = (y, *torch.autograd.grad(y, (x, conv.weight), gy))
