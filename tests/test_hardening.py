@@ -177,6 +177,13 @@ def test_weights_that_do_not_fit_name_the_tensors_and_shapes(finished, tmp_path)
         normlab.run(d / "run.yaml", out=d, resume=True, overrides=["train.epochs=3"], quiet=True)
 
 
+def test_eval_with_a_set_that_changes_the_model_names_the_set(finished, capsys):
+    _, ref = finished
+    code, _, err = cli(["eval", ref.dir, "--set", "model.name=resnet18"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "model.safetensors: does not fit the model built from run.yaml and --set model.name=resnet18: " in err
+
+
 class ReturnsInt:
     @hookimpl
     def on_model(self, model, run):

@@ -147,12 +147,14 @@ def latest_model_file(run_dir: Path) -> Path | None:
     return ckpt / "model.safetensors" if ckpt else None
 
 
-def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    built_from: str = "run.yaml") -> dict:
     """Restore model, optimizer, scheduler and RNG from the last checkpoint; return its state.json.
 
     Every problem is a UsageError of one line naming the file that is bad: a state.json that is not
     the expected object, model weights whose tensor names or shapes do not fit the model built from
-    run.yaml (named), an unreadable (truncated) safetensors file.
+    run.yaml (``built_from`` names what built it: run.yaml and any overrides), an unreadable (truncated)
+    safetensors file.
     """
     ckpt = last_checkpoint(run_dir)
     if ckpt is None:
@@ -162,7 +164,7 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer=None, sched
     weights = _read_tensors(ckpt / "model.safetensors")
     problem = state_dict_mismatch(model.state_dict(), weights)
     if problem:
-        raise UsageError(f"{ckpt}/model.safetensors: does not fit the model built from run.yaml: {problem}")
+        raise UsageError(f"{ckpt}/model.safetensors: does not fit the model built from {built_from}: {problem}")
     model.load_state_dict(weights, strict=True)
     if optimizer is not None and "optimizer" in state:
         tensors = _read_tensors(ckpt / "optimizer.safetensors")

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import __version__, distributed
 from .checkpoint import load_checkpoint
-from .config import RunConfig, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
+from .config import RunConfig, _cut, apply_overrides, load_run_file, parse_run, read_yaml, validate_section
 from .context import Context
 from .data import DataBundle, build_data, fingerprint, fixed_order, take
 from .errors import RunFailure, UsageError
@@ -737,7 +737,8 @@ def _from_run_dir(run_dir: str | Path, overrides: Sequence[str], plugins, quiet)
     cfg.model.pretrained = False  # the run's own checkpoint replaces any initial weights
     r = prepare(cfg, str(run_dir / "run.yaml"), plugins, quiet)
     r.build(load_init=False)
-    r.loaded_epoch = int(load_checkpoint(run_dir, r.model).get("epoch", 0))
+    built_from = "run.yaml" + "".join(f" and --set {_cut(o)}" for o in overrides)
+    r.loaded_epoch = int(load_checkpoint(run_dir, r.model, built_from=built_from).get("epoch", 0))
     r.dir = run_dir
     return r
 
