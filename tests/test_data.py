@@ -87,3 +87,30 @@ def test_image_folder_trains_end_to_end(tmp_path):
     assert res.metrics["clean/acc"] >= 0.9  # red vs blue is easy
     data = build_data(DataConfig(name="imagefolder", root=str(tmp_path / "imgs")))
     assert data.num_classes == 2 and data.test[0][0].shape == (3, 32, 32)
+    # a batch larger than the folder's 32 training images: refused before anything is written (training
+    # divided by zero steps)
+    with pytest.raises(UsageError, match=r"data.batch_size: 64 is more than the 32 training images under "):
+        normlab.run({**cfg, "data": {**cfg["data"], "batch_size": 64}}, out=tmp_path / "big", quiet=True)
+    assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_that_is_not_an_image_is_named_in_one_line(tmp_path, capsys, workers):
+    from normlab.cli import main
+
+    for split in ("train", "val"):
+        for c in range(2):
+            d = tmp_path / "imgs" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8, 3), 60 * c + i, np.uint8)).save(d / f"{i}.png")
+    bad = tmp_path / "imgs" / "train" / "class1" / "bad.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"model: {{name: test_resnet}}\ndata: {{name: imagefolder, root: {tmp_path / 'imgs'}, "
+                        f"batch_size: 9, image_size: 16, num_workers: {workers}}}\ntrain: {{epochs: 1}}\n")
+    code = main(["run", str(run_file), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"normlab: error: {run_file}: data.root: {bad}: not a readable image (PIL cannot " \
+        "identify its format); remove or replace it", err  # one line, whether a loader worker or the process read it
+    assert not any("Traceback" in line for line in err)

@@ -196,6 +196,16 @@ class ReturnsText:
         return "batch"
 
 
+class ReturnsNarrowFeature:
+    @hookimpl
+    def on_model(self, model, run):
+        run.request_feature("layer1")
+
+    @hookimpl
+    def on_feature(self, name, feature, ctx):
+        return feature[:, :1]
+
+
 def test_a_hook_returning_the_wrong_type_names_the_plugin_and_hook(finished, tmp_path):
     cfg = {**finished[0], "plugins": {"bad": {}}}
     with pytest.raises(RunFailure, match=r"plugin 'bad' returned int from on_model; expected a torch.nn.Module"):
@@ -204,6 +214,11 @@ def test_a_hook_returning_the_wrong_type_names_the_plugin_and_hook(finished, tmp
         normlab.run(cfg, out=tmp_path / "b", plugins={"bad": ReturnsText()}, quiet=True)
     assert (tmp_path / "b" / "log.txt").read_text().strip().splitlines()[-1].endswith(
         "run failed: plugin 'bad' returned str from on_batch; expected a normlab.data.Batch or None")
+    # a tensor of another shape than the feature it replaces (it failed later, in the next convolution)
+    with pytest.raises(RunFailure, match=r"plugin 'bad' returned a tensor of shape \(\d+, 1, \d+, \d+\) for layer "
+                                         r"layer1 \(its output: \(\d+, \d+, \d+, \d+\)\) from on_feature; "
+                                         r"expected a torch.Tensor of the feature's shape"):
+        normlab.run(cfg, out=tmp_path / "c", plugins={"bad": ReturnsNarrowFeature()}, quiet=True)
 
 
 def test_a_kill_between_the_checkpoint_and_metrics_csv_is_repaired_on_resume(finished, tmp_path):

@@ -624,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun directory: {result.dir}")
         return EXIT_OK
     except UsageError as e:
+        message = str(e)
+        if "\nOriginal Traceback" in message:  # raised in a data-loader worker: torch prefixes its traceback
+            message = message.rstrip().splitlines()[-1].split("UsageError: ", 1)[-1]
+        e = UsageError(message)
         flags = [("--set", o) for o in getattr(args, "overrides", None) or []]
         flags += [("--grid", g) for g in getattr(args, "grid", None) or []]
         print(f"normlab: {_rank()}error: {_blame_override(str(e), flags)}", file=sys.stderr)

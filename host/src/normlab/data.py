@@ -245,6 +245,27 @@ def _torchvision_cifar(name: str, root: Path, source: str, image_size: int):
     return train, test, 10 if name == "cifar10" else 100
 
 
+class _ReadImage:
+    """ImageFolder's loader: the image as RGB, or one line naming the file that is not an image (PIL's
+    own error is a traceback in the middle of training). A class, so loader workers can pickle it."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __call__(self, path: str):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+        except UnidentifiedImageError:
+            raise UsageError(f"{self.source}: data.root: {path}: not a readable image (PIL cannot identify its "
+                             f"format); remove or replace it") from None
+        except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged image data
+            raise UsageError(f"{self.source}: data.root: {path}: not a readable image ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or ['no detail'])[0][:120]}); remove or replace it") from None
+
+
 def _image_folder(root: Path, source: str, image_size: int):
     from torchvision import datasets
     from torchvision import transforms as T
@@ -254,9 +275,10 @@ def _image_folder(root: Path, source: str, image_size: int):
             raise UsageError(f"{source}: data.root: expected an ImageFolder tree with {root / split}/CLASS/*.jpg")
     try:  # torchvision refuses a split without class folders or without images in them
         train = datasets.ImageFolder(root / "train", T.Compose(
-            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()]))
+            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()]), loader=_ReadImage(source))
         test = datasets.ImageFolder(root / "val", T.Compose(
-            [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor()]))
+            [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor()]),
+            loader=_ReadImage(source))
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f"{source}: data.root: expected an ImageFolder tree with {root}/train/CLASS/*.jpg and "
                          f"{root}/val/CLASS/*.jpg ({str(e).splitlines()[0][:120]})") from None

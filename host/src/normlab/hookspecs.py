@@ -92,7 +92,8 @@ def on_feature(name, feature, ctx):
     :param name: the requested layer's dotted name in the backbone.
     :param feature: its output tensor for the current forward.
     :param ctx: the :class:`~normlab.context.Context` of the forward.
-    :return: a tensor to use instead of the output, or None to keep it.
+    :return: a tensor of the output's shape to use instead of it, or None to keep it
+        (another shape ends the run naming the plugin).
 
     Chained in run-file order. After the chain the final tensor is stored in
     ``ctx.features[name]``.

@@ -42,12 +42,13 @@ def _expected_returns() -> dict[str, tuple[str, Callable[[Any], bool]]]:
     from .data import Batch
 
     return {
-        "on_model": ("a torch.nn.Module (the backbone)", lambda v: isinstance(v, torch.nn.Module)),
-        "on_batch_norm": ("a torch.nn.Module (the replacement layer)", lambda v: isinstance(v, torch.nn.Module)),
-        "on_feature": ("a torch.Tensor (the replacement feature)", lambda v: isinstance(v, torch.Tensor)),
-        "on_batch": ("a normlab.data.Batch", lambda v: isinstance(v, Batch)),
-        "on_domain": ("a zero-argument callable that undoes the adaptation", callable),
-        "on_choices": ("a dict mapping a context field to a non-empty list of values", _choices),
+        "on_model": ("a torch.nn.Module (the backbone)", lambda v, kw: isinstance(v, torch.nn.Module)),
+        "on_batch_norm": ("a torch.nn.Module (the replacement layer)", lambda v, kw: isinstance(v, torch.nn.Module)),
+        "on_feature": ("a torch.Tensor of the feature's shape (the replacement feature)",
+                       lambda v, kw: isinstance(v, torch.Tensor) and v.shape == kw["feature"].shape),
+        "on_batch": ("a normlab.data.Batch", lambda v, kw: isinstance(v, Batch)),
+        "on_domain": ("a zero-argument callable that undoes the adaptation", lambda v, kw: callable(v)),
+        "on_choices": ("a dict mapping a context field to a non-empty list of values", lambda v, kw: _choices(v)),
     }
 
 
@@ -197,8 +198,12 @@ class Hooks:
             if self._returns is None:
                 self._returns = _expected_returns()
             expected = self._returns.get(hook_name)
-            if expected is not None and not expected[1](out):
-                raise RunFailure(f"plugin {plugin!r} returned {type(out).__name__} from {hook_name}; expected "
+            if expected is not None and not expected[1](out, kwargs):
+                what = type(out).__name__
+                if hook_name == "on_feature" and hasattr(out, "shape"):
+                    what = f"a tensor of shape {tuple(out.shape)} for layer {kwargs['name']} (its output: " \
+                           f"{tuple(kwargs['feature'].shape)})"
+                raise RunFailure(f"plugin {plugin!r} returned {what} from {hook_name}; expected "
                                  f"{expected[0]} or None")
         return out
 

@@ -180,6 +180,11 @@ class Run:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.data = build_data(cfg.data, self.source)
+        used = min(len(self.data.train), cfg.data.n_train or len(self.data.train))
+        if cfg.train.epochs and used < cfg.data.batch_size:  # the setting alone is checked in config
+            under = f" under {cfg.data.root}" if cfg.data.root else ""
+            raise UsageError(f"{self.source}: data.batch_size: {cfg.data.batch_size} is more than the {used} "
+                             f"training images{under}: an epoch would have no full batch; lower data.batch_size")
         backbone = create_backbone(cfg.model, self.data.num_classes, self.source)
         model = NormlabNet(backbone, *input_stats(cfg, self.data, self.source))
         check_input(model, len(self.data.mean), self.data.image_size, cfg.model, self.source)
