@@ -253,6 +253,10 @@ def test_a_tampered_cache_is_refused_and_regenerate_rebuilds_it(tmp_path, mnist_
     again = evaluate(mnist_run, {**settings, "regenerate": True})
     assert again == first
     assert json.loads((root / "meta.json").read_text())["sha256"]["fog"] == by_hand
+    fog.write_bytes(b"garbage\n")  # not an array at all (numpy read it as a pickle and refused: exit 1)
+    with pytest.raises(UsageError, match=r"fog.npy: not a corruption-cache array \(ValueError: .*regenerate: true"):
+        evaluate(mnist_run, settings)
+    assert evaluate(mnist_run, {**settings, "regenerate": True}) == first
     shutil.rmtree(tmp_path / "mnist-test")
 
 
@@ -462,7 +466,7 @@ def test_image_folder_below_32_pixels_is_enlarged_for_corruption_and_resized_bac
                 Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(d / f"{i}.png")
     r = built_run({"corruptions": ["fog", "pixelate"], "severities": [2], "workers": 1,
                    "cache_dir": str(tmp_path / "cache")},
-                  data={"name": "imagefolder", "root": str(tmp_path / "imgs"), "image_size": 24})
+                  data={"name": "imagefolder", "root": str(tmp_path / "imgs"), "image_size": 24, "batch_size": 2})
     m = evaluate(r)
     (root,) = (tmp_path / "cache").iterdir()
     assert root.name.startswith("imagefolder-") and root.name.endswith("-val-24px")

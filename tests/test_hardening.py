@@ -11,7 +11,7 @@ import pytest
 import normlab
 from normlab import hookimpl
 from normlab.cli import main
-from normlab.errors import RunFailure
+from normlab.errors import UsageError
 from normlab.runner import LOCK, _try_lock
 from conftest import TINY_MODEL
 
@@ -208,14 +208,14 @@ class ReturnsNarrowFeature:
 
 def test_a_hook_returning_the_wrong_type_names_the_plugin_and_hook(finished, tmp_path):
     cfg = {**finished[0], "plugins": {"bad": {}}}
-    with pytest.raises(RunFailure, match=r"plugin 'bad' returned int from on_model; expected a torch.nn.Module"):
+    with pytest.raises(UsageError, match=r"plugin 'bad' returned int from on_model; expected a torch.nn.Module"):
         normlab.run(cfg, out=tmp_path / "a", plugins={"bad": ReturnsInt()}, quiet=True)
-    with pytest.raises(RunFailure, match=r"plugin 'bad' returned str from on_batch; expected a normlab.data.Batch"):
+    with pytest.raises(UsageError, match=r"plugin 'bad' returned str from on_batch; expected a normlab.data.Batch"):
         normlab.run(cfg, out=tmp_path / "b", plugins={"bad": ReturnsText()}, quiet=True)
     assert (tmp_path / "b" / "log.txt").read_text().strip().splitlines()[-1].endswith(
-        "run failed: plugin 'bad' returned str from on_batch; expected a normlab.data.Batch or None")
+        "error: plugin 'bad' returned str from on_batch; expected a normlab.data.Batch or None")
     # a tensor of another shape than the feature it replaces (it failed later, in the next convolution)
-    with pytest.raises(RunFailure, match=r"plugin 'bad' returned a tensor of shape \(\d+, 1, \d+, \d+\) for layer "
+    with pytest.raises(UsageError, match=r"plugin 'bad' returned a tensor of shape \(\d+, 1, \d+, \d+\) for layer "
                                          r"layer1 \(its output: \(\d+, \d+, \d+, \d+\)\) from on_feature; "
                                          r"expected a torch.Tensor of the feature's shape"):
         normlab.run(cfg, out=tmp_path / "c", plugins={"bad": ReturnsNarrowFeature()}, quiet=True)

@@ -203,7 +203,7 @@ class Hooks:
                 if hook_name == "on_feature" and hasattr(out, "shape"):
                     what = f"a tensor of shape {tuple(out.shape)} for layer {kwargs['name']} (its output: " \
                            f"{tuple(kwargs['feature'].shape)})"
-                raise RunFailure(f"plugin {plugin!r} returned {what} from {hook_name}; expected "
+                raise UsageError(f"plugin {plugin!r} returned {what} from {hook_name}; expected "
                                  f"{expected[0]} or None")
         return out
 

@@ -205,6 +205,17 @@ def cache_key(data, config_data: Any = None) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the cache
 
 
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """A cache file as numpy reads it (never unpickled); one line naming it when it is not a .npy array (a
+    truncated or replaced file)."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{path}: not a corruption-cache array ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:100]}); rebuild it with the corruptions evaluator's "
+                         f"regenerate: true, or delete that folder") from None
+
+
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -311,7 +322,7 @@ class CorruptionCache:
     def digest(self, name: str, filled: int) -> str:
         """sha256 of the first ``filled`` rows of ``clean`` or of a corruption's file (every severity)."""
         path = self.root / "clean.npy" if name == "clean" else self.dir / f"{name}.npy"
-        arr = np.load(path, mmap_mode="r")
+        arr = _load_npy(path, "r")
         h = hashlib.sha256()
         for block in range(1 if name == "clean" else 5):
             for a in range(block * self.rows, block * self.rows + filled, 4096):
@@ -363,12 +374,12 @@ class CorruptionCache:
             for stale in [*self.root.glob(".*.tmp*"), *self.dir.glob(".*.tmp*")]:
                 stale.unlink(missing_ok=True)
             filled = dict(meta["filled"])
-            index = np.load(self.root / "index.npy")
+            index = _load_npy(self.root / "index.npy")
             # clean images, in the parent (for an ImageFolder this decodes the images)
             start = filled.get("clean", 0)
             if start < n:
                 path, fresh = self._open_for_rows(self.root / "clean.npy", 1, self.source.n)
-                arr = np.load(path, mmap_mode="r+")
+                arr = _load_npy(path, "r+")
                 for a in range(start, n, 1024):
                     b = min(n, a + 1024)
                     arr[a:b] = self.source.images(index[a:b])
@@ -426,12 +437,12 @@ class CorruptionCache:
     def _map(self, name: str) -> np.ndarray:
         if name not in self._maps:
             path = self.root / "clean.npy" if name == "clean" else self.dir / f"{name}.npy"
-            self._maps[name] = np.load(path, mmap_mode="r")
+            self._maps[name] = _load_npy(path, "r")
         return self._maps[name]
 
     def labels(self, n: int) -> np.ndarray:
         if self._labels is None:
-            self._labels = np.load(self.dir / "labels.npy")
+            self._labels = _load_npy(self.dir / "labels.npy")
         return self._labels[:n].astype(np.int64)
 
     def clean(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -525,7 +536,7 @@ class _Generated:
         self.k = min(run.config.adapt_samples, self.cache.source.n if run.adapts else self.n)
         self.cache.ensure(cfg.corruptions, max(self.n, self.k), cfg.workers, quiet=run.quiet,
                           regenerate=cfg.regenerate)
-        self.positions = torch.from_numpy(np.load(self.cache.root / "index.npy")[: self.k])
+        self.positions = torch.from_numpy(_load_npy(self.cache.root / "index.npy")[: self.k])
         meta = self.cache.meta()
         self.provenance = {"cache": str(self.cache.root), "imagecorruptions": meta.get("imagecorruptions"),
                            "sha256": self.cache.verify(cfg.corruptions, cfg.key)}
