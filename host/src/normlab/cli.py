@@ -563,12 +563,12 @@ def _blame_override(message: str, flags: list[tuple[str, str]]) -> str:
     if found is None:
         return message
     where, rest = found.group(2), found.group(3)
+    above = where.split(".")
     for flag, item in reversed(flags):
         key = item.split("=", 1)[0].strip()
-        parts = key.split(".")
-        above = where.split(".")
         if not key:
             continue
+        parts = key.split(".")
         if re.fullmatch(rf"{re.escape(key)}(?:[.\[].*)?", where) or (
                 len(above) < len(parts) and parts[:len(above)] == above
                 and (rest.startswith("unknown key") or re.search(rf"\b{re.escape(parts[len(above)])}\b", rest))):
@@ -627,10 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e)
         if "\nOriginal Traceback" in message:  # raised in a data-loader worker: torch prefixes its traceback
             message = message.rstrip().splitlines()[-1].split("UsageError: ", 1)[-1]
-        e = UsageError(message)
         flags = [("--set", o) for o in getattr(args, "overrides", None) or []]
         flags += [("--grid", g) for g in getattr(args, "grid", None) or []]
-        print(f"normlab: {_rank()}error: {_blame_override(str(e), flags)}", file=sys.stderr)
+        print(f"normlab: {_rank()}error: {_blame_override(message, flags)}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailure as e:
         print(f"normlab: {_rank()}run failed: {e}", file=sys.stderr)

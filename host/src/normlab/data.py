@@ -258,12 +258,11 @@ class _ReadImage:
         try:
             with open(path, "rb") as f:
                 return Image.open(f).convert("RGB")
-        except UnidentifiedImageError:
-            raise UsageError(f"{self.source}: data.root: {path}: not a readable image (PIL cannot identify its "
-                             f"format); remove or replace it") from None
-        except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged image data
-            raise UsageError(f"{self.source}: data.root: {path}: not a readable image ({type(e).__name__}: "
-                             f"{(str(e).splitlines() or ['no detail'])[0][:120]}); remove or replace it") from None
+        except (OSError, SyntaxError, ValueError) as e:  # not an image, or truncated or damaged image data
+            why = "PIL cannot identify its format" if isinstance(e, UnidentifiedImageError) else \
+                f"{type(e).__name__}: {(str(e).splitlines() or ['no detail'])[0][:120]}"
+            raise UsageError(f"{self.source}: data.root: {path}: not a readable image ({why}); remove or replace "
+                             f"it") from None
 
 
 def _image_folder(root: Path, source: str, image_size: int):
