@@ -88,6 +88,38 @@ def test_one_output_position_in_channels_last_and_an_empty_batch():
     torch.testing.assert_close(conv(x[1]), plain[1], rtol=1e-12, atol=1e-12)  # an unbatched input, as nn.Conv2d takes
 
 
+@pytest.mark.parametrize("size, live", [((1, 1), (1, 2, 1, 2)), ((2, 2), (1, 3, 1, 3)), ((1, 4), (1, 2, 0, 3))])
+def test_the_kernel_gradient_is_laid_out_as_the_kernel_and_zero_on_skipped_taps(size, live):
+    """The crop's gradient is written once into zeros in the weight's own layout, so accumulating it into a
+    channels-last weight's .grad needs no transposition (it took 46 ms of a 32x32 resnet18 step)."""
+    torch.manual_seed(0)
+    h0, h1, w0, w1 = live
+    for layout in (torch.contiguous_format, torch.channels_last):
+        conv = nn.Conv2d(6, 5, 3, 2 if size == (2, 2) else 1, 1, bias=False).double().to(memory_format=layout)
+        x = torch.randn(3, 6, *size, dtype=torch.float64).to(memory_format=layout)
+        (plain,) = torch.autograd.grad(conv(x).square().sum(), conv.weight)
+        skip_padding_taps(conv)
+        arriving = []  # the gradient as the crop hands it over, before .grad accumulation lays it out
+        handle = conv.weight.register_hook(lambda g: arriving.append(g.is_contiguous(memory_format=layout)))
+        conv(x).square().sum().backward()
+        handle.remove()
+        grad = conv.weight.grad
+        assert arriving == [True] and grad.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(grad, plain, rtol=1e-12, atol=1e-12)
+        kept = torch.zeros(3, 3, dtype=torch.bool)
+        kept[h0:h1, w0:w1] = True
+        assert grad[:, :, ~kept].abs().sum() == 0 and grad[:, :, kept].abs().sum() > 0
+        # a second-order gradient through the crop (create_graph) equals the plain convolution's
+        twin = nn.Conv2d(6, 5, 3, conv.stride, 1, bias=False).double()
+        twin.load_state_dict(conv.state_dict())
+
+        def second(c):
+            (g,) = torch.autograd.grad(c(x).square().sum(), c.weight, create_graph=True)
+            return torch.autograd.grad(g.square().sum(), c.weight)[0]
+
+        torch.testing.assert_close(second(conv), second(twin), rtol=1e-12, atol=1e-12)
+
+
 def test_resnet18_at_32px_skips_layer4s_padding_and_gives_the_same_logits_and_gradients():
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10).double().eval()

@@ -64,6 +64,31 @@ def _cropped(first: int, last: int, kernel: int, stride: int, padding: int, dila
     return pad if same else None
 
 
+class _LiveKernel(torch.autograd.Function):
+    """``weight[:, :, h0:h1, w0:w1]`` whose gradient is written once into zeros laid out as ``weight``.
+
+    Plain slicing is two autograd nodes (one per dimension), each filling a zero tensor and copying into
+    it, and the last of them is contiguous, so a channels-last weight's gradient is transposed once more
+    when it is accumulated: at 32x32 that was 46 ms of a resnet18 step on the AVX2 CPU above."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, h0: int, h1: int, w0: int, w1: int) -> torch.Tensor:
+        ctx.box, ctx.shape = (h0, h1, w0, w1), weight.shape
+        ctx.layout = torch.channels_last if _channels_last(weight) else torch.contiguous_format
+        return weight[:, :, h0:h1, w0:w1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h0, h1, w0, w1 = ctx.box
+        full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout).zero_()
+        full[:, :, h0:h1, w0:w1] = grad
+        return full, None, None, None, None
+
+
+def _channels_last(weight: torch.Tensor) -> bool:
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
 def _conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     plain = type(self)._conv_forward
     if self.padding_mode != "zeros" or isinstance(self.padding, str):
@@ -84,13 +109,15 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: 
             and 0 <= x.shape[-1] - reach_w < self.stride[1]:
         # one output position and no padding left: the convolution is one matrix product of the pixels it meets
         seen = x[:, :, :reach_h:self.dilation[0], :reach_w:self.dilation[1]]
-        w = weight[:, :, h0:h1, w0:w1]
-        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        whole = (h0, h1, w0, w1) == (0, weight.shape[2], 0, weight.shape[3])
+        w = weight if whole else _LiveKernel.apply(weight, h0, h1, w0, w1)
+        if _channels_last(weight):
             seen, w = seen.permute(0, 2, 3, 1), w.permute(0, 2, 3, 1)  # flatten (H, W, C): whole rows of C, no gather
         return F.linear(seen.flatten(1), w.flatten(1), bias).view(x.shape[0], w.shape[0], 1, 1)
     if not cropped:
         return plain(self, x, weight, bias)
-    return F.conv2d(x, weight[:, :, h0:h1, w0:w1], bias, self.stride, (ph, pw), self.dilation, self.groups)
+    return F.conv2d(x, _LiveKernel.apply(weight, h0, h1, w0, w1), bias, self.stride, (ph, pw), self.dilation,
+                    self.groups)
 
 
 def skip_padding_taps(model: nn.Module) -> int:
