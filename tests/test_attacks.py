@@ -235,6 +235,9 @@ def test_results_json_has_the_keys_and_the_default_budget(trained):
     ("evaluate.autoattack={implementation: torchattacks, version: fast}",
      "evaluate.autoattack: version 'fast' exists only for implementation 'pyautoattack'"),
     ("evaluate.autoattack.norm=L1", "evaluate.autoattack: norm 'L1' has no default budget: set eps"),
+    ("evaluate.pgd.eps=8", "evaluate.pgd: eps: a Linf budget above 1 is no budget"),  # 8 meant as 8/255
+    ("evaluate.fgsm.eps=1.5", "evaluate.fgsm: eps: a Linf budget above 1 is no budget"),
+    ("evaluate.robustbench.eps=4", "evaluate.robustbench: eps: a Linf budget above 1 is no budget"),
 ])
 def test_bad_settings_are_usage_errors_naming_the_key(trained, setting, message, capsys):
     run_dir, _ = trained
@@ -243,6 +246,16 @@ def test_bad_settings_are_usage_errors_naming_the_key(trained, setting, message,
     assert message in str(e.value)
     assert main(["eval", str(run_dir), "--set", setting]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_only_linf_budgets_are_bounded_by_one():
+    from normlab.evals.settings import validate
+
+    assert validate("autoattack", {"norm": "L1", "eps": 12}, "run.yaml", "evaluate.autoattack").eps == 12
+    assert validate("apgd", {"norm": "L2", "eps": 3}, "run.yaml", "evaluate.apgd").eps == 3
+    assert validate("pgd", {"eps": 1}, "run.yaml", "evaluate.pgd").eps == 1  # the whole box: a sanity check
+    with pytest.raises(UsageError, match=r"^run\.yaml: evaluate\.square: eps: a Linf budget above 1"):
+        validate("square", {"eps": 2}, "run.yaml", "evaluate.square")
 
 
 def test_attacks_run_inside_the_test_time_adaptation_of_the_clean_domain(trained):
@@ -259,3 +272,14 @@ def test_attacks_run_inside_the_test_time_adaptation_of_the_clean_domain(trained
     assert pgd["pgd/acc"] < clean["clean/acc"]
     after = bn_state(run.model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_n_examples_above_the_test_split_evaluates_all_of_it_and_says_so(trained):
+    run_dir, run = trained
+    total = len(run.data.test)
+    m = normlab.evaluate(run_dir, overrides=[f"evaluate.clean.n_examples={10 * total}"], quiet=True).metrics
+    whole = normlab.evaluate(run_dir, overrides=[f"evaluate.clean.n_examples={total}"], quiet=True).metrics
+    assert m["clean/acc"] == whole["clean/acc"] and m["clean/acc/ci_low"] == whole["clean/acc/ci_low"]
+    log = (run_dir / "log.txt").read_text()
+    assert f"evaluate.clean.n_examples: {10 * total} asked, but the test split has {total} images: all {total} " \
+           "are evaluated" in log

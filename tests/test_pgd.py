@@ -289,6 +289,9 @@ def test_settings_parse_fractions_and_reject_undefined_combinations():
                 {"trades": True, "lam": 0.5}, {"lam": 1.5}, {"attack": "fgsm"}):
         with pytest.raises(ValueError):
             pgd.Config(**bad)
+    with pytest.raises(ValueError, match="a Linf budget above 1 is no budget"):  # 8 meant as 8/255
+        pgd.Config(eps=8)
+    assert pgd.Config(eps=1).eps == 1 and pgd.Config(eps=8, norm="L2").eps == 8  # the whole box; an L2 radius
 
 
 @pytest.mark.parametrize("settings,key", [({"trades": True}, "trades"), ({"combine": "mean"}, "combine")])

@@ -147,9 +147,19 @@ class Evaluator:
         self.name, self.fn, self.doc, self.check, self.check_model = name, fn, doc, check, check_model
 
 
+def examples(run, cfg: EvalSettings) -> int:
+    """How many test images an evaluator's settings give: ``n_examples``, at most the whole test split (logged
+    when it is less than asked, so a run.yaml that asks for more is not read as what ran)."""
+    total = len(run.data.test)
+    if cfg.n_examples is not None and cfg.n_examples > total:
+        run.log.warning("%s.n_examples: %d asked, but the test split has %d images: all %d are evaluated",
+                        cfg.key, cfg.n_examples, total, total)
+    return min(cfg.n_examples or total, total)
+
+
 def test_loader(run, cfg: EvalSettings, shuffle: bool = False):
     """The test split as an evaluator's settings ask (its subset size and batch size)."""
-    return run.data.loader("test", cfg.batch_size, shuffle=shuffle, n=cfg.n_examples)
+    return run.data.loader("test", cfg.batch_size, shuffle=shuffle, n=examples(run, cfg))
 
 
 def _collect() -> dict[str, Evaluator]:

@@ -23,7 +23,7 @@ from ..layers.split import split_points
 from ..model import top_level_layers
 from ..plots import save
 from ..train import autocast
-from . import Evaluator
+from . import Evaluator, examples
 from .settings import DivergenceConfig, StyleConfig
 from .style import generated_domain
 
@@ -104,11 +104,12 @@ def divergence(model, ctx, report, cfg: DivergenceConfig) -> None:
     run = ctx.run
     layers = cfg.layers or default_layers(model.backbone)
     model.eval()
-    clean = torch.cat([x for x, _ in run.data.loader("test", 1024, shuffle=False, n=cfg.n_examples)])
+    n = examples(run, cfg)
+    clean = torch.cat([x for x, _ in run.data.loader("test", 1024, shuffle=False, n=n)])
     ref = domain_stats(run, ctx, "clean", clean, layers, cfg.batch_size, run.domain_samples())
     curves = {}
     for d in cfg.domains:
-        x, _, samples = generated_domain(run, d, StyleConfig(n_examples=cfg.n_examples, seed=cfg.seed))
+        x, _, samples = generated_domain(run, d, StyleConfig(n_examples=n, seed=cfg.seed))
         other = domain_stats(run, ctx, f"style/{d}", x, layers, cfg.batch_size, samples)
         values = [float(symmetric_kl(*ref[layer], *other[layer])) for layer in layers]
         for layer, v in zip(layers, values):

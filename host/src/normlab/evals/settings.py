@@ -98,9 +98,19 @@ class AttackSettings(EvalSettings):
                               "both: the two, one after the other (docs/adaptive.md)")
 
 
+LINF_ABOVE_ONE = ("a Linf budget above 1 is no budget: images are in [0, 1], so eps 1 already lets every pixel "
+                  "take any value; expected [0, 1] pixel units, e.g. 8/255 rather than 8")
+
+
 class BudgetSettings(AttackSettings):
     eps: Budget | None = Field(None, ge=0, description="perturbation budget in [0, 1] pixel units, e.g. 8/255 "
                                                       "(default: the dataset's usual threat model)")
+
+    @model_validator(mode="after")
+    def _linf_budget(self):
+        if getattr(self, "norm", "Linf") == "Linf" and self.eps is not None and self.eps > 1:
+            raise ValueError(f"eps: {LINF_ABOVE_ONE}")
+        return self
 
 
 class FGSMConfig(BudgetSettings):
@@ -215,6 +225,8 @@ class RobustbenchEvalConfig(EvalSettings):
     def _check(self):
         if self.threat_model == "corruptions" and self.eps is not None:
             raise ValueError("eps applies to Linf and L2 only")
+        if self.threat_model == "Linf" and self.eps is not None and self.eps > 1:
+            raise ValueError(f"eps: {LINF_ABOVE_ONE}")
         return self
 
 

@@ -27,7 +27,7 @@ import torch
 from ..data import fixed_order
 from ..errors import UsageError
 from ..train import evaluate_accuracy
-from . import Evaluator
+from . import Evaluator, examples
 from .settings import GENERATED, StyleConfig
 
 TEXTURE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel")
@@ -88,7 +88,7 @@ def generated_domain(run, name: str, cfg: StyleConfig):
     row does not depend on how many rows are used.
     """
     total = len(run.data.test)
-    n = min(cfg.n_examples or total, total)
+    n = examples(run, cfg)
     need = max(n, min(run.config.adapt_samples, total))
     loader = run.data.loader("test", 1024, shuffle=False, n=min(total, -(-need // 1024) * 1024))  # whole blocks
     g = torch.Generator().manual_seed(cfg.seed * 1009 + GENERATED.index(name))

@@ -50,6 +50,9 @@ class Config(BaseModel):
             raise ValueError("trades: TRADES' attack (torchattacks TPGD) is Linf only; expected norm: Linf")
         if self.trades and (self.combine != "lam" or self.lam != 1.0):
             raise ValueError("trades: TRADES keeps CE(x) and adds beta KL; expected lam and combine left unset")
+        if self.norm == "Linf" and self.eps > 1:
+            raise ValueError("eps: a Linf budget above 1 is no budget: images are in [0, 1], so eps 1 already lets "
+                             "every pixel take any value; expected [0, 1] pixel units, e.g. 8/255 rather than 8")
         if self.combine == "mean" and self.lam != 1.0:
             raise ValueError("lam: combine 'mean' weighs every view equally and ignores lam; expected lam unset")
         return self
