@@ -126,8 +126,23 @@ def test_a_bad_set_value_is_named_by_its_flag(tiny_config, write_yaml, capsys, t
     assert capsys.readouterr().err.startswith(f"normlab: error: {bad}: data.nope: unknown key")  # the file's own
 
 
+def test_loss_terms_name_the_plugin_that_last_set_them():
+    from normlab.train import LossTerms
+
+    running = ["pgd"]
+    terms = LossTerms(owner=lambda: running[0])
+    terms.add("adv", torch.ones(2))
+    running[0] = None  # the host's own term
+    terms.add("ce", torch.ones(2))
+    running[0] = "trades"
+    terms.reweight("adv", 0.5)
+    assert terms.described("adv") == "adv (plugin 'trades')" and terms.described("ce") == "ce"
+    assert float(terms.total()) == 1.5
+
+
 def test_non_finite_loss_stops_with_exit_1_naming_the_step(tiny_config, tmp_path):
-    with pytest.raises(RunFailure, match=r"non-finite loss at epoch 1, step 4 \(global step 4\); terms \['boom'\]"):
+    with pytest.raises(RunFailure, match=r"non-finite loss at epoch 1, step 4 \(global step 4\); not finite: "
+                                         r"boom \(plugin 'nan'\)$"):
         normlab.run({**tiny_config, "plugins": {"nan": {}}}, out=tmp_path / "r", plugins={"nan": NaNAt()}, quiet=True)
 
 

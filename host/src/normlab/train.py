@@ -8,7 +8,7 @@ import dataclasses
 import io
 import math
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,22 +35,29 @@ class LossTerms:
     it is not per sample (a KL over the batch).
     """
 
-    def __init__(self):
+    def __init__(self, owner: Callable[[], str | None] = lambda: None):
         self.losses: dict[str, torch.Tensor] = {}
         self.weights: dict[str, Any] = {}
+        self.owners: dict[str, str | None] = {}  # the plugin that last set each term (None: the host)
+        self._owner = owner
 
     def add(self, name: str, loss: torch.Tensor, weight: Any = 1.0) -> None:
         if name in self.losses:
             raise KeyError(f"loss term {name!r} already exists")
-        self.losses[name], self.weights[name] = loss, weight
+        self.losses[name], self.weights[name], self.owners[name] = loss, weight, self._owner()
 
     def replace(self, name: str, loss: torch.Tensor, weight: Any = None) -> None:
-        self.losses[name] = loss
+        self.losses[name], self.owners[name] = loss, self._owner()
         if weight is not None:
             self.weights[name] = weight
 
     def reweight(self, name: str, weight: Any) -> None:
-        self.weights[name] = weight
+        self.weights[name], self.owners[name] = weight, self._owner()
+
+    def described(self, name: str) -> str:
+        """The term's name and the plugin that last set it, for messages."""
+        owner = self.owners.get(name)
+        return name if owner is None else f"{name} (plugin {owner!r})"
 
     def __contains__(self, name: str) -> bool:
         return name in self.losses
@@ -234,9 +241,10 @@ class Finite:
     def __init__(self):
         self.pending: list[tuple[tuple, list[str], torch.Tensor]] = []
 
-    def add(self, where: tuple, values: dict) -> None:
-        """``where``: (epoch, step in the epoch, global step, the pass's fields or None), all 0-based."""
-        self.pending.append((where, list(values), torch.stack([torch.isfinite(v) for v in values.values()])))
+    def add(self, where: tuple, values: dict, names: list[str]) -> None:
+        """``where``: (epoch, step in the epoch, global step, the pass's fields or None), all 0-based; ``names``:
+        how a message names each of ``values``."""
+        self.pending.append((where, names, torch.stack([torch.isfinite(v) for v in values.values()])))
 
     @staticmethod
     def _where(epoch: int, i: int, global_step: int, fields: dict | None) -> str:
@@ -256,8 +264,8 @@ class Finite:
             offset += len(names)
             if not bool(ok.all()):
                 self.pending.clear()
-                raise RunFailure(f"non-finite loss at {self._where(*where)}; terms "
-                                 f"{[n for n, g in zip(names, ok) if not g]} are not finite")
+                raise RunFailure(f"non-finite loss at {self._where(*where)}; not finite: "
+                                 f"{', '.join(n for n, g in zip(names, ok) if not g)}")
 
 
 def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int, finite: Finite) -> tuple[dict, torch.Tensor]:
@@ -269,14 +277,14 @@ def _pass(run, batch, ctx: Context, epoch: int, i: int, global_step: int, finite
     cfg, hooks = run.config.train, run.hooks
     with ctx.active(), autocast(run.device, cfg.amp):
         batch.logits = run.model(batch.x)
-        terms = LossTerms()
+        terms = LossTerms(owner=lambda: hooks.current)
         terms.add("ce", F.cross_entropy(batch.logits.float(), batch.y, reduction="none",
                                         label_smoothing=cfg.label_smoothing))
         hooks.call("on_loss", batch=batch, model=run.model, ctx=ctx, terms=terms)
         values = terms.values()
         loss = torch.stack(list(values.values())).sum()
     fields = None if ctx.passes is None else {k: getattr(ctx, k) for k in ctx.passes[0]}
-    finite.add((epoch, i, global_step, fields), values)
+    finite.add((epoch, i, global_step, fields), values, [terms.described(n) for n in values])
     return values, loss
 
 
