@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,25 +176,29 @@ def test_robustbench_none_is_a_timm_model_again(tiny_config, tmp_path):
 
 # --- the evaluator --------------------------------------------------------------
 
-def small_run(**robustbench):
-    """A test_resnet trained briefly on the embedded digits, evaluated by `robustbench` (seconds on CPU)."""
+def small_run(cifar=None, **robustbench):
+    """A test_resnet trained briefly on the embedded digits (or on the fake CIFAR-10 under ``cifar``), evaluated
+    by `robustbench` (seconds on CPU)."""
+    data = {"name": "mnist", "batch_size": 64, "n_train": 512} if cifar is None else \
+        {"name": "cifar10", "root": str(cifar), "batch_size": 16, "n_train": 64}
     return {
         "seed": 1,
         "model": {"name": "test_resnet"},
-        "data": {"name": "mnist", "batch_size": 64, "n_train": 512},
-        "train": {"val_examples": 100, "epochs": 1, "lr": 0.05, "threads": 1},
+        "data": data,
+        "train": {"val_examples": 100 if cifar is None else 16, "epochs": 1, "lr": 0.05, "threads": 1},
         "evaluate": {"robustbench": {"n_examples": 8, "batch_size": 8, "eps": 0.3, **robustbench}},
     }
 
 
 def write_fake_cifar10(root, n=40, seed=0):
-    """torchvision's CIFAR-10 test-set files (random images); their md5 sums cannot match, see `fake_cifar`."""
+    """torchvision's CIFAR-10 files (random images, n per batch); their md5 sums cannot match, see `fake_cifar`."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                     "labels": rng.integers(0, 10, n).tolist()}, f)
+    for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:  # the training batches: for a run on it
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist()}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
     return root
@@ -201,10 +206,10 @@ def write_fake_cifar10(root, n=40, seed=0):
 
 @pytest.fixture
 def fake_cifar(tmp_path, monkeypatch):
-    """A CIFAR-10 test set in data_dir that torchvision accepts (its md5 check is switched off for the test)."""
+    """A CIFAR-10 in data_dir that torchvision accepts (its md5 check is an existence check for the test)."""
     import torchvision.datasets.cifar
 
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: Path(fpath).is_file())
     return write_fake_cifar10(tmp_path / "data")
 
 
@@ -266,7 +271,7 @@ def test_equivalent_on_the_runs_own_split(tmp_path):
 
 def test_benchmark_runs_where_it_works_and_the_equivalent_gives_the_same_clean_accuracy(
         tmp_path, fake_cifar, fixed_adapter):
-    cfg = small_run(dataset="cifar10", data_dir=str(fake_cifar), n_examples=16, batch_size=16)
+    cfg = small_run(fake_cifar, dataset="cifar10", data_dir=str(fake_cifar), n_examples=16, batch_size=16)
     res = normlab.run(cfg, out=tmp_path / "bench", quiet=True)
     m = res.metrics
     assert m["robustbench/used_benchmark"] == 1.0 and m["robustbench/benchmark_data"] == 1.0
@@ -280,26 +285,53 @@ def test_benchmark_runs_where_it_works_and_the_equivalent_gives_the_same_clean_a
     assert again["robustbench/adv_acc"] <= again["robustbench/clean_acc"]
 
 
+def test_evaluator_refuses_another_dataset_than_the_runs_before_training(tmp_path, fake_cifar, write_yaml, capsys):
+    """robustbench's CIFAR-10 numbers for a digits model would be CIFAR images through it, or (without them)
+    the digits at CIFAR's budget: refused before anything is written, as any bad run file."""
+    path = write_yaml(small_run(dataset="cifar10"))
+    assert main(["run", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"normlab: error: {path}: evaluate.robustbench.dataset: cifar10, but the run trains on mnist; " \
+                  "expected it unset (mnist is not robustbench's: the run's own test split is evaluated at mnist's " \
+                  "budget)"
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(UsageError, match=r"evaluate\.robustbench\.dataset: cifar100, but the run trains on "
+                                         r"cifar10; expected cifar10 or unset$"):
+        normlab.run(small_run(fake_cifar, dataset="cifar100"), out=tmp_path / "r", quiet=True)
+
+
 def test_evaluator_rejects_a_dataset_with_other_classes(tmp_path):
-    with pytest.raises(UsageError, match=r"evaluate\.robustbench\.dataset: cifar100 has 100 classes but the model "
-                                         r"has 10"):
-        normlab.run(small_run(dataset="cifar100"), out=tmp_path / "r", quiet=True)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):  # an image folder may hold any benchmark's images, but not with 2 classes
+        for c in range(2):
+            d = tmp_path / "imgs" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    cfg = small_run(dataset="cifar10")
+    cfg["data"] = {"name": "imagefolder", "root": str(tmp_path / "imgs"), "image_size": 32, "batch_size": 4}
+    cfg["train"]["val_examples"] = 2
+    with pytest.raises(UsageError, match=r"evaluate\.robustbench\.dataset: cifar10 has 10 classes but the model "
+                                         r"has 2"):
+        normlab.run(cfg, out=tmp_path / "r", quiet=True)
 
 
-def test_corruptions_need_the_real_data(tmp_path):
+def test_corruptions_need_the_real_data(tmp_path, fake_cifar):
     (tmp_path / "none").mkdir()  # a data_dir that does not exist is refused by its settings
     with pytest.raises(UsageError, match=r"evaluate\.robustbench\.data_dir: threat_model 'corruptions' needs "
                                          r"robustbench's CIFAR-10-C under \S+ \(normlab does not download it"):
-        normlab.run(small_run(threat_model="corruptions", dataset="cifar10", data_dir=str(tmp_path / "none"),
+        normlab.run(small_run(fake_cifar, threat_model="corruptions", data_dir=str(tmp_path / "none"),
                               eps=None), out=tmp_path / "r", quiet=True)
 
 
-def test_corruptions_through_robustbenchs_loader(tmp_path, monkeypatch):
+def test_corruptions_through_robustbenchs_loader(tmp_path, monkeypatch, fake_cifar):
     """CIFAR-10-C in robustbench's layout (one corruption, to keep the files small) read by load_cifar10c."""
     import robustbench.data
 
     monkeypatch.setattr(robustbench.data, "CORRUPTIONS", ("fog",))
-    root = tmp_path / "data" / "CIFAR-10-C"
+    root = fake_cifar / "CIFAR-10-C"
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     labels = np.tile(rng.integers(0, 10, 10000).astype(np.uint8), 5)
@@ -308,8 +340,7 @@ def test_corruptions_through_robustbenchs_loader(tmp_path, monkeypatch):
     for s in range(5):  # severity s+1 holds rows s*10000 ..: mark each severity with its own brightness
         images[s * 10000:(s + 1) * 10000] = 40 * s
     np.save(root / "fog.npy", images)
-    cfg = small_run(threat_model="corruptions", dataset="cifar10", data_dir=str(tmp_path / "data"), eps=None,
-                    n_examples=8)
+    cfg = small_run(fake_cifar, threat_model="corruptions", data_dir=str(fake_cifar), eps=None, n_examples=8)
     m = normlab.run(cfg, out=tmp_path / "r", quiet=True).metrics
     accs = [m[f"robustbench/corruptions/fog/{s}/acc"] for s in range(1, 6)]
     assert m["robustbench/adv_acc"] == pytest.approx(sum(accs) / 5)

@@ -42,6 +42,11 @@ benchmark dataset's, through robustbench's loaders, when it is in
 ``n_examples``); corruptions need the real corruption data (normlab's
 ``corruptions`` evaluator generates corruptions of the run's own data).
 
+``dataset`` is the run's own benchmark: on MNIST none, on CIFAR the run's, and
+another named one is refused before training (its images through this model, or
+this run's images at its budget, are not its numbers); an image folder may be
+any of the three, and defaults to the zoo backbone's dataset.
+
 Keys: ``robustbench/clean_acc``, ``robustbench/adv_acc`` (and
 ``robustbench/<version>/adv_acc`` for Linf/L2, ``robustbench/corruptions/
 <name>/<severity>/acc`` for corruptions), ``robustbench/used_benchmark`` (1:
@@ -166,8 +171,8 @@ def benchmark_problem(cfg: RobustbenchEvalConfig, dataset: str | None, data_dir:
 def _dataset(run, cfg: RobustbenchEvalConfig) -> str | None:
     if cfg.dataset is not None:
         return cfg.dataset
-    if run.data.name in ("cifar10", "cifar100"):
-        return run.data.name
+    if run.data.name != "imagefolder":  # named data: its own benchmark (CIFAR) or none (MNIST), whatever the model
+        return run.data.name if run.data.name in CLASSES else None
     zoo = run.config.model.robustbench
     return zoo.dataset if zoo is not None else None
 
@@ -231,6 +236,18 @@ def _autoattack(model, run, cfg: RobustbenchEvalConfig, norm: str, eps: float, s
     adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, most)
     adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, most)
     return adversary
+
+
+def check(run, cfg: RobustbenchEvalConfig) -> None:
+    """Before training: a ``dataset`` other than the run's own named one is refused. robustbench's numbers for
+    it would be another dataset's images through this model, or, without them in data_dir, this run's test
+    split at the other dataset's budget, both filed as robustbench's. An image folder may hold any of them."""
+    named = run.config.data.name
+    if cfg.dataset is not None and named != "imagefolder" and cfg.dataset != named:
+        expected = f"{named} or unset" if named in CLASSES else \
+            f"it unset ({named} is not robustbench's: the run's own test split is evaluated at {named}'s budget)"
+        raise UsageError(f"{run.source}: {cfg.key}.dataset: {cfg.dataset}, but the run trains on {named}; "
+                         f"expected {expected}")
 
 
 def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
@@ -348,5 +365,6 @@ EVALUATORS = [
     Evaluator("robustbench", robustbench_eval,
               "RobustBench: robustbench/clean_acc and robustbench/adv_acc (Linf/L2: the original AutoAttack; "
               "corruptions: mean over 15 x 5), through robustbench.eval.benchmark() where it works, else an "
-              "equivalent computation; robustbench/used_benchmark says which ran (the reason is logged)"),
+              "equivalent computation; robustbench/used_benchmark says which ran (the reason is logged)",
+              check=check),
 ]

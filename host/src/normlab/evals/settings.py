@@ -211,8 +211,8 @@ class RobustbenchEvalConfig(EvalSettings):
     eps: float | None = Field(None, gt=0, description="budget in [0, 1] pixel units for Linf/L2 (default: "
                                                       "RobustBench's: 8/255 / 0.5 on CIFAR, 4/255 on ImageNet)")
     dataset: Literal["cifar10", "cifar100", "imagenet"] | None = Field(
-        None, description="robustbench's benchmark dataset (default: the run's data if CIFAR, else the zoo "
-                          "backbone's dataset, else none: normlab's own test split)")
+        None, description="robustbench's benchmark dataset: the run's own (default: the run's data if CIFAR; an "
+                          "image folder: the zoo backbone's dataset, else none; none: normlab's own test split)")
     data_dir: str | None = Field(None, description="robustbench's data_dir (default: the run's data.root, "
                                                    "else normlab's data folder, NORMLAB_DATA)")
     _data_dir = _data_dir_exists
