@@ -35,20 +35,33 @@ HOOKS = ("on_model", "on_batch_norm", "on_feature", "on_batch", "on_loss", "on_d
          "on_eval", "on_log")
 
 
-def _expected_returns() -> dict[str, tuple[str, Callable[[Any], bool]]]:
-    """What each hook may return besides None (imported on first use: torch is not needed to list plugins)."""
+def _expected_returns() -> dict[str, tuple[str, Callable[[Any, dict], str | None]]]:
+    """What each hook may return besides None, and a check that describes a value it refuses (None: fine).
+    Imported on first use: torch is not needed to list plugins."""
     import torch
 
     from .data import Batch
 
+    def kind(*types):
+        return lambda v, kw: None if isinstance(v, types) else type(v).__name__
+
+    def feature(v, kw):
+        if not isinstance(v, torch.Tensor):
+            return type(v).__name__
+        if v.shape != kw["feature"].shape:
+            return f"a tensor of shape {tuple(v.shape)} for layer {kw['name']} (its output: " \
+                   f"{tuple(kw['feature'].shape)})"
+        return None
+
     return {
-        "on_model": ("a torch.nn.Module (the backbone)", lambda v, kw: isinstance(v, torch.nn.Module)),
-        "on_batch_norm": ("a torch.nn.Module (the replacement layer)", lambda v, kw: isinstance(v, torch.nn.Module)),
-        "on_feature": ("a torch.Tensor of the feature's shape (the replacement feature)",
-                       lambda v, kw: isinstance(v, torch.Tensor) and v.shape == kw["feature"].shape),
-        "on_batch": ("a normlab.data.Batch", lambda v, kw: isinstance(v, Batch)),
-        "on_domain": ("a zero-argument callable that undoes the adaptation", lambda v, kw: callable(v)),
-        "on_choices": ("a dict mapping a context field to a non-empty list of values", lambda v, kw: _choices(v)),
+        "on_model": ("a torch.nn.Module (the backbone)", kind(torch.nn.Module)),
+        "on_batch_norm": ("a torch.nn.Module (the replacement layer)", kind(torch.nn.Module)),
+        "on_feature": ("a torch.Tensor of the feature's shape (the replacement feature)", feature),
+        "on_batch": ("a normlab.data.Batch", kind(Batch)),
+        "on_domain": ("a zero-argument callable that undoes the adaptation",
+                      lambda v, kw: None if callable(v) else type(v).__name__),
+        "on_choices": ("a dict mapping a context field to a non-empty list of values",
+                       lambda v, kw: None if _choices(v) else type(v).__name__),
     }
 
 
@@ -197,14 +210,10 @@ class Hooks:
         if out is not None:
             if self._returns is None:
                 self._returns = _expected_returns()
-            expected = self._returns.get(hook_name)
-            if expected is not None and not expected[1](out, kwargs):
-                what = type(out).__name__
-                if hook_name == "on_feature" and hasattr(out, "shape"):
-                    what = f"a tensor of shape {tuple(out.shape)} for layer {kwargs['name']} (its output: " \
-                           f"{tuple(kwargs['feature'].shape)})"
-                raise UsageError(f"plugin {plugin!r} returned {what} from {hook_name}; expected "
-                                 f"{expected[0]} or None")
+            expected, refused = self._returns.get(hook_name, (None, lambda v, kw: None))
+            what = refused(out, kwargs)
+            if what is not None:
+                raise UsageError(f"plugin {plugin!r} returned {what} from {hook_name}; expected {expected} or None")
         return out
 
     def call(self, hook_name: str, **kwargs: Any) -> Any:
