@@ -181,3 +181,53 @@ def test_random_geometries_give_the_plain_numbers():
         for a, b in zip(plain, (y, *torch.autograd.grad(y, (x, conv.weight), gy))):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"k {k} s {s} p {p} d {d} g {g} {size}")
         checked += 1
+
+
+@pytest.mark.parametrize("kind", ["StdConv2d", "ScaledStdConv2d"])
+def test_timms_weight_standardised_convolutions_crop_and_give_timms_numbers(kind):
+    """timm's NF convolutions call F.conv2d themselves; their forward is routed through the crop. The same
+    outputs and gradients (input, kernel, gain, bias) as timm's own forward, where the crop applies and where
+    not, in both layouts, and with padding_taps_kept."""
+    import timm.layers
+
+    torch.manual_seed(0)
+    for stride, size in ((1, 1), (2, 2), (1, 4), (2, 3)):
+        timms = getattr(timm.layers, kind)(6, 5, 3, stride=stride, padding=1, bias=True).double()
+        with torch.no_grad():
+            timms.bias.normal_()
+            if hasattr(timms, "gain"):
+                timms.gain.uniform_(0.5, 1.5)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ours = copy.deepcopy(timms).to(memory_format=layout)
+            assert skip_padding_taps(ours) == 1 and "forward" in ours.__dict__
+            x = torch.randn(3, 6, size, size, dtype=torch.float64).to(memory_format=layout)
+
+            def numbers(conv):
+                inp = x.clone().requires_grad_()
+                out = conv(inp)
+                return (out, *torch.autograd.grad(out.square().sum(), [inp, *conv.parameters()]))
+
+            want, got = numbers(timms), numbers(ours)
+            with padding_taps_kept(ours):
+                kept = numbers(ours)
+            for a, b, c in zip(want, got, kept):
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
+def test_an_nf_resnet_at_32px_gives_timms_numbers_with_the_crop():
+    torch.manual_seed(0)
+    model = timm.create_model("nf_resnet26", num_classes=10).double()
+    twin = copy.deepcopy(model)
+    convs = skip_padding_taps(twin)
+    assert convs == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert sum("forward" in m.__dict__ for m in twin.modules()) == convs  # all timm's ScaledStdConv2d
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    outs = []
+    for m in (model, twin):
+        torch.manual_seed(1)  # any drop-path or dropout draws the same
+        outs.append(m(x))
+        outs[-1].square().sum().backward()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=name)

@@ -14,7 +14,9 @@ kernel gradient, against 1.5 ms for the 1x1 convolution that is its centre tap
 (measurements: benchmarks/README.md, "Padding taps").
 
 :func:`skip_padding_taps` gives every ``nn.Conv2d`` of a model (subclasses
-that convolve through ``_conv_forward`` included, such as slim's) a
+that convolve through ``_conv_forward`` included, such as slim's; timm's
+weight-standardised ``StdConv2d`` and ``ScaledStdConv2d`` of the NF nets call
+``F.conv2d`` themselves, so their forward is routed through it) a
 ``_conv_forward`` of its own that crops the kernel to its live taps for the
 input's size; nothing else changes: parameters, state dicts, module types and
 the outputs' shapes are those of the plain model. Cropping happens only where
@@ -120,12 +122,31 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: 
                     self.groups)
 
 
+def _standardized_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` forward (weight standardisation over each filter, then the gain
+    and fan-in scale for the scaled one), with the convolution through ``_conv_forward`` so that it skips the
+    padding taps too (timm calls ``F.conv2d``). Standardising uses the whole kernel, so the numbers are the same;
+    tests/test_taps.py checks them against timm's own forward."""
+    gain = (self.gain * self.scale).view(-1) if hasattr(self, "gain") else None
+    weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=gain, training=True,
+                          momentum=0.0, eps=self.eps).reshape_as(self.weight)
+    return self._conv_forward(x, weight, self.bias)
+
+
+def _standardized() -> tuple[type, ...]:
+    from timm.layers import ScaledStdConv2d, StdConv2d
+
+    return StdConv2d, ScaledStdConv2d
+
+
 def skip_padding_taps(model: nn.Module) -> int:
     """Make every ``nn.Conv2d`` of ``model`` skip the taps that meet only padding; returns how many."""
-    n = 0
+    n, standardized = 0, _standardized()
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and "_conv_forward" not in m.__dict__:
             m._conv_forward = types.MethodType(_conv_forward, m)
+            if type(m) in standardized:  # exactly these: timm's "same"-padding subclasses pad first
+                m.forward = types.MethodType(_standardized_forward, m)
             n += 1
     return n
 
