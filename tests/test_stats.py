@@ -74,6 +74,12 @@ def test_report_accuracy_and_the_mean_of_accuracies_over_the_same_examples():
     scores = (a.astype(float) + b) / 2
     assert (r.metrics["style/acc/ci_low"], r.metrics["style/acc/ci_high"]) == pytest.approx(
         stats.mean_interval(scores))
+    one = Report()  # an average of one accuracy is that accuracy: Wilson's interval, not the normal one
+    one.accuracy("style/x/acc", a, labels)
+    one.mean_accuracy("style/acc", ["style/x/acc"])
+    assert (one.metrics["style/acc/ci_low"], one.metrics["style/acc/ci_high"]) == stats.wilson(150, 200)
+    assert stats.mean_interval(np.array([0.5])) == (0.0, 1.0)  # one example: no spread to estimate
+    assert math.isnan(stats.paired_examples(np.array([1.0]), np.array([0.5]))["p"])  # and no test
     other = Report()  # other examples: the mean is added without an interval
     other.accuracy("a", a, labels)
     other.accuracy("b", b[:100], labels[:100])
@@ -103,10 +109,11 @@ def test_results_hold_intervals_and_packed_per_example_outcomes(two_seeds):
     raw = load_file(str(res.dir / "correct.safetensors"))
     assert raw["clean/acc"].dtype == np.uint8 and raw["clean/acc"].size == math.ceil(300 / 8)
     outcomes = read_outcomes(res.dir)
-    scores, examples, binary = outcomes["clean/acc"]
-    assert binary and scores.size == 300 and scores.mean() == pytest.approx(m["clean/acc"], abs=1e-12)
-    avg, _, binary = outcomes["style/acc"]  # an average: rebuilt from its parts
+    scores, examples, binary, parts = outcomes["clean/acc"]
+    assert binary and parts == () and scores.size == 300 and scores.mean() == pytest.approx(m["clean/acc"], abs=1e-12)
+    avg, _, binary, parts = outcomes["style/acc"]  # an average: rebuilt from its parts
     assert not binary and avg.mean() == pytest.approx(m["style/acc"], abs=1e-12)
+    assert parts == (("style/invert/acc", ()), ("style/color/acc", ()))
     assert examples == outcomes["style/invert/acc"][1]  # the same 300 test images
 
 
@@ -138,6 +145,42 @@ def test_an_evaluation_stored_under_a_name_keeps_its_outcomes(two_seeds, tmp_pat
     assert np.array_equal(outcomes["again/clean/acc"][0], outcomes["clean/acc"][0])  # deterministic eval
     assert main(["compare", str(d), f"{d}:again", "--keys", "clean/acc"]) == 0
     assert "+0.0000 p=1 n.s." in capsys.readouterr().out
+
+
+def test_compare_tests_an_average_of_one_part_as_an_accuracy_and_not_averages_over_other_parts(
+        two_seeds, tmp_path, capsys):
+    from conftest import copy_run
+
+    a, b = (copy_run(two_seeds[s], tmp_path / f"s{s}") for s in (1, 2))
+    one = 'evaluate={"style": {"n_examples": 300, "domains": ["color"]}}'
+    for d in (a, b):
+        normlab.evaluate(d, overrides=[one], name="one", quiet=True)
+    assert main(["compare", f"{a}:one", f"{b}:one", "--keys", "style/acc,style/color/acc"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("style/")}
+    oa, ob = (read_outcomes(d)["one/style/color/acc"][0] > 0.5 for d in (a, b))
+    p = stats.mcnemar(ob, oa)["p"]
+    assert f"p={p:.3g}" in rows["style/acc"] and f"p={p:.3g}" in rows["style/color/acc"]  # McNemar for both
+    # style/acc over two domains against style/acc over one: the same name, not the same measurement
+    assert main(["compare", str(a), f"{a}:one", "--keys", "style/acc"]) == 0
+    out = capsys.readouterr().out
+    assert "untested" in next(line for line in out.splitlines() if line.startswith("style/acc"))
+    assert "the averages are over different parts" in out
+
+
+def test_seed_groups_pair_by_seed_whatever_the_order(tmp_path, capsys):
+    values = {"a": {0: 0.90, 1: 0.93, 2: 0.91}, "b": {0: 0.92, 1: 0.93, 2: 0.95}}
+    for name, order in (("a", [0, 1, 2]), ("b", [2, 0, 1])):
+        d = tmp_path / name
+        d.mkdir()
+        vs = [values[name][s] for s in order]
+        mean, lo, hi = stats.seed_interval(vs)
+        (d / "group.yaml").write_text(yaml.safe_dump({"seeds": order}))
+        (d / "group.json").write_text(json.dumps({"seeds": order, "metrics": {"clean/acc": {
+            "values": vs, "mean": mean, "ci_low": lo, "ci_high": hi}}}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--keys", "clean/acc"]) == 0
+    out = capsys.readouterr().out
+    p = stats.paired_seeds([0.92, 0.93, 0.95], [0.90, 0.93, 0.91])["p"]
+    assert "paired t over seeds" in out and f"p={p:.3g}" in out
 
 
 def test_seed_group_summarises_its_runs_and_resumes(tiny_config, tmp_path, write_yaml, capsys):

@@ -303,13 +303,19 @@ class _Entry:
         self._outcomes = None
 
     def outcomes(self) -> dict:
-        """key -> (scores, examples id, binary); {} for a run evaluated before outcomes were stored."""
+        """key -> (scores, examples id, binary, parts) with keys (and the parts' keys) relative to the entry's
+        evaluation name; {} for a run evaluated before outcomes were stored."""
         if self._outcomes is None:
             from .results import OUTCOMES, read_outcomes
 
             found = read_outcomes(self.dir) if (self.dir / OUTCOMES).is_file() else {}
             if self.prefix:
-                found = {k[len(self.prefix) + 1:]: v for k, v in found.items() if k.startswith(self.prefix + "/")}
+                cut = len(self.prefix) + 1
+
+                def relative(parts):
+                    return tuple((k[cut:], relative(p)) for k, p in parts)
+
+                found = {k[cut:]: (*v[:3], relative(v[3])) for k, v in found.items() if k.startswith(self.prefix + "/")}
             self._outcomes = found
         return self._outcomes
 
@@ -317,12 +323,15 @@ class _Entry:
 def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, str]:
     """(b - a, p-value, the test's name) for one metric of two compare entries; where no test applies,
     (b - a, None, why not)."""
+    import numpy as np
+
     from . import stats
 
     diff = b.metrics[key] - a.metrics[key]
     if a.group is not None and b.group is not None:
         va, vb = a.group["metrics"][key]["values"], b.group["metrics"][key]["values"]
-        if a.group["seeds"] == b.group["seeds"] and len(va) > 1:
+        if sorted(a.group["seeds"]) == sorted(b.group["seeds"]) and len(va) > 1:  # paired by seed, in any order
+            vb = [vb[b.group["seeds"].index(seed)] for seed in a.group["seeds"]]
             return diff, stats.paired_seeds(vb, va)["p"], "paired t over seeds"
         if len(va) > 1 and len(vb) > 1:
             from scipy.stats import ttest_ind
@@ -335,8 +344,12 @@ def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, st
             return diff, None, "no per-example outcomes stored for the key"
         if oa[1] != ob[1]:
             return diff, None, "the runs were evaluated on different test examples"
-        if oa[2] and ob[2]:
+        if oa[3] != ob[3]:
+            return diff, None, "the averages are over different parts"
+        if all(np.isin(o[0], (0.0, 1.0)).all() for o in (oa, ob)):  # right or wrong per example: one part, or all agree
             return diff, stats.mcnemar(ob[0] > 0.5, oa[0] > 0.5)["p"], "McNemar exact"
+        if oa[0].size < 2:
+            return diff, None, "one example has no spread to test"
         return diff, stats.paired_examples(ob[0], oa[0])["p"], "paired t over examples"
     return diff, None, "a run and a seed group are not paired"
 

@@ -173,7 +173,9 @@ def _read_index(run_dir: str | Path, required: bool = True) -> tuple[dict, dict]
 
 
 def read_outcomes(run_dir: str | Path) -> dict[str, tuple]:
-    """key -> (per-example scores as a float array, examples id, binary) for every stored accuracy."""
+    """key -> (per-example scores as a float array, examples id, binary, parts) for every stored accuracy:
+    ``binary`` for one measured on examples; ``parts`` what an average averages, as ((key, its parts), ...),
+    () for a measured one."""
     import numpy as np
 
     from .stats import unpack
@@ -185,14 +187,15 @@ def read_outcomes(run_dir: str | Path) -> dict[str, tuple]:
         if key not in out:
             entry = index[key]
             if "n" in entry:
-                out[key] = (unpack(tensors[key], entry["n"]).astype(np.float64), entry["examples"], True)
+                out[key] = (unpack(tensors[key], entry["n"]).astype(np.float64), entry["examples"], True, ())
             else:
                 if depth > 8:
                     raise UsageError(f"{Path(run_dir) / OUTCOMES}: {key}: averages nested too deep")
-                parts = [scores(k, depth + 1)[0] for k in entry["of"]]
-                if len({p.size for p in parts}) != 1:
+                parts = [scores(k, depth + 1) for k in entry["of"]]
+                if len({p[0].size for p in parts}) != 1:
                     raise UsageError(f"{Path(run_dir) / OUTCOMES}: {key}: its parts differ in length")
-                out[key] = (np.mean(parts, axis=0), entry["examples"], False)
+                out[key] = (np.mean([p[0] for p in parts], axis=0), entry["examples"], False,
+                            tuple((k, p[3]) for k, p in zip(entry["of"], parts)))
         return out[key]
 
     for key in index:

@@ -13,7 +13,8 @@ Three questions a reviewer asks of a number, and how normlab answers them:
 - *Is A better than B on the same images?* **McNemar's exact test**
   (:func:`mcnemar`): the discordant pairs are binomial(b + c, 1/2) under the null.
   For averages, the **paired t-test** over examples of the per-example score
-  differences (:func:`paired_examples`).
+  differences (:func:`paired_examples`); an average whose scores are all 0 or 1
+  (one part) is an accuracy: Wilson and McNemar.
 - *How much does it move with the seed?* The mean over seeds with a 95%
   **Student t interval** (:func:`seed_interval`), and for two seed groups with
   the same seeds a paired t-test over seeds (:func:`paired_seeds`).
@@ -46,10 +47,13 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def mean_interval(scores: np.ndarray, z: float = Z95) -> tuple[float, float]:
-    """The 95% normal interval of the mean of per-example ``scores`` (standard error with ddof 1), in [0, 1]."""
+    """The 95% normal interval of the mean of per-example ``scores`` (standard error with ddof 1), in [0, 1];
+    [0, 1] itself for one example (no spread to estimate)."""
     scores = np.asarray(scores, dtype=np.float64)
+    if scores.size < 2:
+        return 0.0, 1.0
     mean = float(scores.mean())
-    half = z * float(scores.std(ddof=1)) / math.sqrt(scores.size) if scores.size > 1 else 0.0
+    half = z * float(scores.std(ddof=1)) / math.sqrt(scores.size)
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
@@ -73,7 +77,8 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def paired_examples(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Paired t-test over examples of per-example scores (averages of accuracies over the same examples):
-    the mean difference a - b and the two-sided p-value (1 when the scores are equal everywhere)."""
+    the mean difference a - b and the two-sided p-value (1 when the scores are equal everywhere; NaN for one
+    example: no test)."""
     from scipy.stats import ttest_rel
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -82,6 +87,8 @@ def paired_examples(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     d = a - b
     if not d.any():
         return {"diff": 0.0, "p": 1.0}
+    if d.size < 2:
+        return {"diff": float(d.mean()), "p": float("nan")}
     if not d.std():
         return {"diff": float(d.mean()), "p": 0.0}
     return {"diff": float(d.mean()), "p": float(ttest_rel(a, b).pvalue)}

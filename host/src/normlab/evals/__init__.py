@@ -98,17 +98,19 @@ class Report:
 
     def mean_accuracy(self, key: str, keys: list[str]) -> float:
         """Add the mean of accuracies already in the report. Over the same examples it is the mean of the
-        per-example scores and gets a normal interval over examples; otherwise only the mean is added."""
+        per-example scores and gets a normal interval over examples (Wilson's where every score is 0 or 1: one
+        part, or parts that agree on every example); otherwise only the mean is added."""
         import numpy as np
 
-        from ..stats import mean_interval
+        from ..stats import mean_interval, wilson
 
         mean = float(np.mean([self.metrics[k] for k in keys]))
         parts = [self.outcomes.get(k) for k in keys]
         if all(parts) and len({p.examples for p in parts}) == 1:
             scores = np.mean([p.scores for p in parts], axis=0)
             self.add(key, float(scores.mean()))
-            lo, hi = mean_interval(scores)
+            binary = bool(np.isin(scores, (0.0, 1.0)).all())
+            lo, hi = wilson(int(scores.sum()), scores.size) if binary else mean_interval(scores)
             self.add(f"{key}/ci_low", lo)
             self.add(f"{key}/ci_high", hi)
             self.outcomes[key] = Outcome(scores, parts[0].examples, tuple(keys))
