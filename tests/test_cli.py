@@ -325,12 +325,25 @@ def test_plugins_json_lists_installed_plugins_with_version_and_hooks(capsys):
     assert listing["noise"]["error"] is None
 
 
+def test_show_hides_per_severity_and_per_layer_keys_under_any_prefix():
+    from normlab.cli import _detail
+
+    for key in ("corruptions/fog/3/acc", "bnrect/corruptions/fog/3/acc", "routes/sweep/route=aux/corruptions/fog/1/acc",
+                "divergence/invert/layer1", "n8/divergence/invert/layer1"):
+        assert _detail(key), key
+    for key in ("corruptions/acc", "corruptions/fog/acc", "bnrect/corruptions/acc", "divergence/invert/mean",
+                "sweep/lam=0.5/clean/acc", "clean/acc"):
+        assert not _detail(key), key
+
+
 def test_load_plugins_env_var(capsys, monkeypatch):
     monkeypatch.setenv("NORMLAB_LOAD_PLUGINS", "")
     code, out, _ = run_cli(["plugins", "--json"], capsys)
     assert code == 0 and json.loads(out) == []
     code, out, _ = run_cli(["plugins", "--check"], capsys)
     assert code == 0 and out.strip() == "no plugins loaded (NORMLAB_LOAD_PLUGINS='')"  # not "none installed"
+    code, out, _ = run_cli(["plugins"], capsys)  # the listing from metadata says the same
+    assert code == 0 and out.strip() == "no plugins loaded (NORMLAB_LOAD_PLUGINS='')"
     monkeypatch.setenv("NORMLAB_LOAD_PLUGINS", "noise")
     code, out, _ = run_cli(["plugins", "--json"], capsys)
     assert [p["name"] for p in json.loads(out)] == ["noise"]

@@ -54,6 +54,8 @@ def test_new_plugin_writes_a_package_that_passes_its_own_tests(tmp_path, capsys)
     assert code == 2 and "already exists" in err
     code, _, err = cli(["new-plugin", "Bad-Name", "--dir", tmp_path], capsys)
     assert code == 2 and "expected a lower-case name" in err
+    code, _, err = cli(["new-plugin", "other", "--dir", tmp_path / "missing"], capsys)
+    assert code == 2 and "no such directory (create it first)" in err and not (tmp_path / "missing").exists()
 
 
 def test_a_plugin_left_out_by_the_env_var_is_named_as_such(monkeypatch, tmp_path, capsys):

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--keys", help="comma list of metric keys, or semicolon list where keys hold commas (a grid "
                                   "sweep's); default: the headline metrics present")
     c.add_argument("--cost", action="store_true", help="also show each run's cost: training images per second, "
-                                                        "FLOPs of a training step, evaluators' seconds per image")
+                                                        "FLOPs of a training step, peak memory, evaluators' seconds "
+                                                        "per image")
     c.add_argument("--plot", metavar="PNG", help="also write the standard-accuracy / robust-accuracy plane: "
                                                    "each run's point, each sweep's curve")
     return p
@@ -78,9 +79,14 @@ HEADLINE = ("clean/acc", "pgd/acc", "pgd/adaptive/acc", "autoattack/acc", "autoa
 
 
 def _detail(key: str) -> bool:
-    """Per-severity corruption keys and per-layer divergence keys: shown with --all only."""
+    """Per-severity corruption keys and per-layer divergence keys: shown with --all only, also under a named
+    evaluation (``NAME/``), a sweep point (``sweep/KNOB=V/``) or a plugin's prefix (``bnrect/``)."""
     parts = key.split("/")
-    return (parts[0] == "corruptions" and len(parts) == 4) or (parts[0] == "divergence" and parts[-1] != "mean")
+    for at, part in enumerate(parts):
+        if part in ("corruptions", "divergence"):
+            rest = parts[at:]
+            return (part == "corruptions" and len(rest) == 4) or (part == "divergence" and rest[-1] != "mean")
+    return False
 
 
 def _interval_key(key: str) -> bool:
@@ -152,6 +158,11 @@ def _head(name: str, version: str | None, distribution: str | None, package: str
     return f"{name} {version or ''} ({distribution or '?'}, {package})"
 
 
+def _none_listed() -> str:
+    chosen = os.environ.get("NORMLAB_LOAD_PLUGINS")
+    return "no plugins installed" if chosen is None else f"no plugins loaded (NORMLAB_LOAD_PLUGINS={chosen!r})"
+
+
 def _listing() -> int:
     """Installed plugins from their entry points' metadata (nothing imported): name, version, distribution."""
     import importlib.metadata as md
@@ -164,7 +175,7 @@ def _listing() -> int:
     eps = sorted((ep for ep in md.entry_points(group=GROUP) if allowed is None or ep.name in allowed),
                  key=lambda ep: ep.name)
     if not eps:
-        print("no plugins installed")
+        print(_none_listed())
         return EXIT_OK
     for ep in eps:
         dist = getattr(ep, "dist", None)
@@ -216,8 +227,7 @@ def _plugins(as_json: bool, name: str | None = None, check: bool = False) -> int
         print(json.dumps(infos, indent=2))
         return EXIT_OK
     if not infos:
-        chosen = os.environ.get("NORMLAB_LOAD_PLUGINS")
-        print("no plugins installed" if chosen is None else f"no plugins loaded (NORMLAB_LOAD_PLUGINS={chosen!r})")
+        print(_none_listed())
         return EXIT_OK
     for i in infos:
         head = _head(i["name"], i["version"], i["distribution"], i["package"])

@@ -122,7 +122,8 @@ def new_plugin(name: str, where: Path) -> Path:
         raise UsageError(f"new-plugin {name!r}: expected a lower-case name of letters, digits and underscores "
                          f"starting with a letter (it is the run-file key and part of the module name)")
     if not where.is_dir():
-        raise UsageError(f"new-plugin --dir {where}: not a directory")
+        raise UsageError(f"new-plugin --dir {where}: " + ("not a directory" if where.exists() else
+                                                           "no such directory (create it first)"))
     dash = name.replace("_", "-")
     root = where / f"normlab-{dash}"
     if root.exists():
