@@ -283,6 +283,12 @@ def test_benchmark_runs_where_it_works_and_the_equivalent_gives_the_same_clean_a
     assert again["robustbench/used_benchmark"] == 0.0 and again["robustbench/benchmark_data"] == 1.0
     assert again["robustbench/clean_acc"] == m["robustbench/clean_acc"]
     assert again["robustbench/adv_acc"] <= again["robustbench/clean_acc"]
+    # more than the benchmark set holds: all of it, and the log says so
+    more = normlab.evaluate(res.dir, overrides=["evaluate.robustbench={version: fast, n_examples: 100, eps: 0.03, "
+                                                f"dataset: cifar10, data_dir: {fake_cifar}}}"], quiet=True).metrics
+    assert more["robustbench/n"] == 40 and more["robustbench/benchmark_data"] == 1.0
+    assert "evaluate.robustbench.n_examples: 100 asked, but robustbench's cifar10 test set has 40 images: all 40 " \
+           "are evaluated" in (res.dir / "log.txt").read_text()
 
 
 def test_evaluator_refuses_another_dataset_than_the_runs_before_training(tmp_path, fake_cifar, write_yaml, capsys):

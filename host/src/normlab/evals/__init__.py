@@ -149,13 +149,14 @@ class Evaluator:
         self.name, self.fn, self.doc, self.check, self.check_model = name, fn, doc, check, check_model
 
 
-def examples(run, cfg: EvalSettings) -> int:
-    """How many test images an evaluator's settings give: ``n_examples``, at most the whole test split (logged
-    when it is less than asked, so a run.yaml that asks for more is not read as what ran)."""
-    total = len(run.data.test)
+def examples(run, cfg: EvalSettings, total: int | None = None, what: str = "the test split") -> int:
+    """How many images an evaluator's settings give: ``n_examples``, at most the ``total`` that ``what`` holds
+    (default: the run's test split); logged when it is less than asked, so a run.yaml that asks for more is not
+    read as what ran."""
+    total = len(run.data.test) if total is None else total
     if cfg.n_examples is not None and cfg.n_examples > total:
-        run.log.warning("%s.n_examples: %d asked, but the test split has %d images: all %d are evaluated",
-                        cfg.key, cfg.n_examples, total, total)
+        run.log.warning("%s.n_examples: %d asked, but %s has %d images: all %d are evaluated",
+                        cfg.key, cfg.n_examples, what, total, total)
     return min(cfg.n_examples or total, total)
 
 

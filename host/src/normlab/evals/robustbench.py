@@ -69,7 +69,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
-from . import Evaluator, test_loader
+from . import Evaluator, examples, test_loader
 from .settings import RobustbenchEvalConfig
 from .attacks import attack_mode, default_eps, keep_trace, seeded
 from .corruptions import released_rows
@@ -276,7 +276,7 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
     path, why = ("benchmark", "all its conditions hold") if problem is None else ("equivalent", problem)
     run.log.info("robustbench: %s path (%s)", path, why)
     if n_clean:  # robustbench's own test images, as benchmark() loads them
-        n = min(cfg.n_examples or n_clean, n_clean, MAX_EXAMPLES[dataset])
+        n = examples(run, cfg, min(n_clean, MAX_EXAMPLES[dataset]), f"robustbench's {dataset} test set")
         x, y = _clean_set(run, dataset, min(n, cfg.batch_size) if problem is None else n, data_dir)
     else:  # normlab's test split
         x, y = _own_split(run, cfg)
@@ -302,7 +302,8 @@ def robustbench_eval(model, ctx, report, cfg: RobustbenchEvalConfig) -> None:
                     adv = _accuracy(model, x_adv, y, cfg.batch_size, run.device, "robustbench adv", run.quiet)
                     report.proportion(f"robustbench/{cfg.version}/adv_acc", adv, n)
             if corruptions:
-                n_per = min(cfg.n_examples or n_corrupted, n_corrupted, MAX_EXAMPLES[dataset])
+                n_per = examples(run, cfg, min(n_corrupted, MAX_EXAMPLES[dataset]),
+                                 f"each set of robustbench's {CORRUPTION_DIRS[dataset]}")
                 adv = _corruptions(model, ctx, cfg, dataset, n_per, data_dir, report)
     report.proportion("robustbench/clean_acc", clean, n)
     if corruptions:  # the mean over 75 corruption sets: each set has its interval
