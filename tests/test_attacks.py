@@ -283,3 +283,7 @@ def test_n_examples_above_the_test_split_evaluates_all_of_it_and_says_so(trained
     log = (run_dir / "log.txt").read_text()
     assert f"evaluate.clean.n_examples: {10 * total} asked, but the test split has {total} images: all {total} " \
            "are evaluated" in log
+    normlab.evaluate(run_dir, overrides=[f'evaluate={{"style": {{"n_examples": {10 * total}, '
+                                         '"domains": ["invert", "color"]}}'], quiet=True)
+    told = (run_dir / "log.txt").read_text()[len(log):]
+    assert told.count(f"evaluate.style.n_examples: {10 * total} asked") == 1  # once, not once per domain

@@ -165,6 +165,12 @@ def test_compare_tests_an_average_of_one_part_as_an_accuracy_and_not_averages_ov
     out = capsys.readouterr().out
     assert "untested" in next(line for line in out.splitlines() if line.startswith("style/acc"))
     assert "the averages are over different parts" in out
+    # the same domains in another order are the same average: tested (paired t over examples)
+    normlab.evaluate(b, overrides=['evaluate={"style": {"n_examples": 300, "domains": ["color", "invert"]}}'],
+                     name="swapped", quiet=True)
+    assert main(["compare", str(a), f"{b}:swapped", "--keys", "style/acc"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("style/acc"))
+    assert "untested" not in row and "p=" in row
 
 
 def test_seed_groups_pair_by_seed_whatever_the_order(tmp_path, capsys):

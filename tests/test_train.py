@@ -140,6 +140,29 @@ def test_loss_terms_name_the_plugin_that_last_set_them():
     assert float(terms.total()) == 1.5
 
 
+def test_a_term_is_credited_to_its_plugin_when_its_hook_ran_another_plugins_hook():
+    """pgd's on_loss runs the model, whose requested feature calls advbn's on_feature: the term pgd adds
+    afterwards is still pgd's."""
+    from normlab.manager import Hooks
+    from normlab.train import LossTerms
+
+    class Feature:
+        @normlab.hookimpl
+        def on_feature(self, name, feature, ctx):
+            return None
+
+    class Attack:
+        @normlab.hookimpl
+        def on_loss(self, batch, model, ctx, terms):
+            hooks.call("on_feature", name="layer1", feature=torch.zeros(1), ctx=None)  # what model(x_adv) does
+            terms.add("adv", torch.ones(2))
+
+    hooks = Hooks([("feature", Feature()), ("attack", Attack())])
+    terms = LossTerms(owner=lambda: hooks.current)
+    hooks.call("on_loss", batch=None, model=None, ctx=None, terms=terms)
+    assert terms.described("adv") == "adv (plugin 'attack')" and hooks.current is None
+
+
 def test_non_finite_loss_stops_with_exit_1_naming_the_step(tiny_config, tmp_path):
     with pytest.raises(RunFailure, match=r"non-finite loss at epoch 1, step 4 \(global step 4\); not finite: "
                                          r"boom \(plugin 'nan'\)$"):

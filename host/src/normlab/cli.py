@@ -330,6 +330,11 @@ class _Entry:
         return self._outcomes
 
 
+def _unordered(parts: tuple) -> tuple:
+    """An average's parts without their order (a mean does not depend on it), nested ones included."""
+    return tuple(sorted((k, _unordered(p)) for k, p in parts))
+
+
 def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, str]:
     """(b - a, p-value, the test's name) for one metric of two compare entries; where no test applies,
     (b - a, None, why not)."""
@@ -354,7 +359,7 @@ def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, st
             return diff, None, "no per-example outcomes stored for the key"
         if oa[1] != ob[1]:
             return diff, None, "the runs were evaluated on different test examples"
-        if oa[3] != ob[3]:
+        if _unordered(oa[3]) != _unordered(ob[3]):
             return diff, None, "the averages are over different parts"
         if all(np.isin(o[0], (0.0, 1.0)).all() for o in (oa, ob)):  # right or wrong per example: one part, or all agree
             return diff, stats.mcnemar(ob[0] > 0.5, oa[0] > 0.5)["p"], "McNemar exact"

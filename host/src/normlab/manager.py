@@ -198,7 +198,7 @@ class Hooks:
         return [n for n, _, _ in self._impls[hook_name]]
 
     def _invoke(self, hook_name: str, plugin: str, fn: Callable, argnames, kwargs: dict) -> Any:
-        self.current = plugin
+        outer, self.current = self.current, plugin  # a hook may run the model, and so other plugins' hooks
         try:
             out = fn(*[kwargs[a] for a in argnames])
         except (RunFailure, UsageError, KeyboardInterrupt):
@@ -206,7 +206,7 @@ class Hooks:
         except Exception as e:
             raise PluginError(plugin, hook_name, e) from e
         finally:
-            self.current = None
+            self.current = outer
         if out is not None:
             if self._returns is None:
                 self._returns = _expected_returns()

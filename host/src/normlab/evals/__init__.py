@@ -154,7 +154,9 @@ def examples(run, cfg: EvalSettings, total: int | None = None, what: str = "the 
     (default: the run's test split); logged when it is less than asked, so a run.yaml that asks for more is not
     read as what ran."""
     total = len(run.data.test) if total is None else total
-    if cfg.n_examples is not None and cfg.n_examples > total:
+    told = run.__dict__.setdefault("_told_n_examples", set())  # once per evaluator, not once per domain
+    if cfg.n_examples is not None and cfg.n_examples > total and (cfg.key, what) not in told:
+        told.add((cfg.key, what))
         run.log.warning("%s.n_examples: %d asked, but %s has %d images: all %d are evaluated",
                         cfg.key, cfg.n_examples, what, total, total)
     return min(cfg.n_examples or total, total)
