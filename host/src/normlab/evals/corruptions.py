@@ -113,7 +113,7 @@ from ..data import fixed_order
 from ..errors import UsageError
 from ..results import unwritable_folder
 from ..train import evaluate_accuracy
-from . import Evaluator
+from . import Evaluator, examples
 from .settings import COMMON, VALIDATION, CorruptionsConfig
 
 __all__ = [
@@ -531,7 +531,7 @@ class _Generated:
         key, folder = cache_key(data, run.config.data)
         root = Path(cfg.cache_dir or _default_cache()).expanduser() / key
         self.cache = CorruptionCache(root, folder, _SplitImages(data), dataset=key)
-        self.n = min(cfg.n_examples or self.cache.source.n, self.cache.source.n)
+        self.n = examples(run, cfg, self.cache.source.n)
         # rows are in the fixed order: the first adapt_samples rows are every domain's adaptation samples
         self.k = min(run.config.adapt_samples, self.cache.source.n if run.adapts else self.n)
         self.cache.ensure(cfg.corruptions, max(self.n, self.k), cfg.workers, quiet=run.quiet,

@@ -113,7 +113,7 @@ def _folder_loader(run, name: str, path: str, cfg: StyleConfig):
     if train_classes is not None and ds.classes != train_classes:
         raise UsageError(f"{run.source}: {cfg.key}.folders.{name}: classes differ from the training data")
     samples = run.domain_samples(ds)
-    ds = torch.utils.data.Subset(ds, fixed_order(len(ds))[:cfg.n_examples].tolist())
+    ds = torch.utils.data.Subset(ds, fixed_order(len(ds))[:examples(run, cfg, len(ds), f"folder {name}")].tolist())
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False), samples
 
 
