@@ -37,6 +37,13 @@ def test_a_two_by_two_grid_runs_through_submitit_and_a_relaunch_skips_the_finish
     assert main(args) == 0
     assert "4 finished runs skipped, 0 to run" in capsys.readouterr().err
     assert stamps == {p: (group / p / "seed-0" / "results.json").stat().st_mtime_ns for p in points}
+    # the same grid from a run file with other settings: its runs would be averaged with the finished ones
+    other = write_yaml({**TINY, "train": {**TINY["train"], "momentum": 0.5}}, "other.yaml")
+    assert main([*args[:1], str(other), *args[2:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "group.yaml: train.momentum: this point was launched with " in err and "gives 0.5" in err
+    assert len(err.splitlines()) == 1
+    assert json.loads((group / "launch.json").read_text())["file"] == str(path.resolve())  # not relabelled
     assert main(["compare", str(group)]) == 0
     table = capsys.readouterr().out
     assert all(p in table for p in points) and "clean/acc" in table

@@ -225,6 +225,17 @@ def test_seed_group_summarises_its_runs_and_resumes(tiny_config, tmp_path, write
     assert "paired t over seeds" in capsys.readouterr().out
     assert main(["run", str(path), "--out", str(out), "--resume", "--set", "seeds=[0, 2]"]) == 2
     assert "started with seeds [0, 1], not [0, 2]" in capsys.readouterr().err
+    # a seed run evaluated again: the group's summary follows it (it kept the old value)
+    normlab.evaluate(out / "seed-0", overrides=['evaluate={"clean": {"n_examples": 50}}'], quiet=True)
+    again = [json.loads((out / f"seed-{s}" / "results.json").read_text())["metrics"]["clean/acc"] for s in (0, 1)]
+    assert json.loads((out / "group.json").read_text())["metrics"]["clean/acc"]["values"] == again
+    assert again[0] != values[0] and again[1] == values[1]  # 50 images now (a multiple of 1/50), seed 1 as it was
+    values = again
+    # other settings: the finished seeds would be averaged with runs of another learning rate
+    assert main(["run", str(path), "--out", str(out), "--resume", "--set", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--set train.lr=0.5: train.lr: the group being resumed has " in err and "this run file 0.5" in err
+    assert json.loads((out / "group.json").read_text())["metrics"]["clean/acc"]["values"] == values  # untouched
 
 
 @pytest.mark.parametrize("text, pattern", [

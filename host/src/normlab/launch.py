@@ -18,6 +18,7 @@ already uses the machine's cores).
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import sys
 import time
@@ -104,7 +105,8 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
            log=print) -> dict:
     """Run every (point, seed) not finished yet; write each point's group.json and GROUP/launch.json."""
     from .group import GROUP_YAML, seed_dir, summarize
-    from .runner import _load_config, prepare
+    from .config import read_yaml
+    from .runner import _differences, _load_config, prepare
 
     out = Path(out)
     if not seeds:
@@ -138,14 +140,21 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
                 {k: record[k] for k in ("grid", "seeds", "overrides")}:
             raise UsageError(f"{saved}: this group was launched with another grid, seeds or overrides; "
                              f"choose another --out")
+    for name, p in plan.items():  # the run file's content too: finished runs would be averaged with other settings
+        p["group"] = p["config"].model_copy(update={"seeds": list(seeds), "seed": seeds[0]}).model_dump(mode="json")
+        if (out / name / GROUP_YAML).is_file():
+            before = read_yaml(out / name / GROUP_YAML)
+            if json.dumps(before, sort_keys=True) != json.dumps(p["group"], sort_keys=True):
+                key, was, is_ = _differences(before, p["group"])[0]
+                raise UsageError(f"{out / name / GROUP_YAML}: {key}: this point was launched with {json.dumps(was)}, "
+                                 f"this run file gives {json.dumps(is_)}; relaunch with the same run file or choose "
+                                 f"another --out")
     write_json_atomic(saved, {**record, "status": "running"})
     jobs, skipped = [], 0
     for name, p in plan.items():
         point_dir = out / name
         point_dir.mkdir(exist_ok=True)
-        write_text_atomic(point_dir / GROUP_YAML, yaml.safe_dump(
-            p["config"].model_copy(update={"seeds": list(seeds), "seed": seeds[0]}).model_dump(mode="json"),
-            sort_keys=False))
+        write_text_atomic(point_dir / GROUP_YAML, yaml.safe_dump(p["group"], sort_keys=False))
         for s in seeds:
             run_dir = seed_dir(point_dir, s)
             if (run_dir / "results.json").is_file():

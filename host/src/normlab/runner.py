@@ -598,6 +598,12 @@ def _run_seeds(config, cfg: RunConfig, source: str, out, overrides: Sequence[str
             if saved.get("seeds") != cfg.seeds:
                 raise UsageError(f"{group_dir / GROUP_YAML}: the group was started with seeds {saved.get('seeds')}, "
                                  f"not {cfg.seeds}")
+            now = cfg.model_dump(mode="json")
+            if json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):  # finished seeds are kept
+                key, was, is_ = _differences(saved, now)[0]
+                raise UsageError(f"{group_dir / GROUP_YAML}: {key}: the group being resumed has {json.dumps(was)}, "
+                                 f"this run file {json.dumps(is_)}; its finished seeds would be averaged with runs "
+                                 f"of other settings: resume with the same settings or start a new group")
         else:
             write_text_atomic(group_dir / GROUP_YAML, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         runs = {}
@@ -772,7 +778,32 @@ def evaluate(run_dir: str | Path, *, overrides: Sequence[str] = (), plugins: Map
         report = _evaluate(r, timing, name)
         _write_results(r, report, timing)
         _log_results(r, report)
-        return RunResult(r.dir, report.metrics, r.model, [])
+    _refresh_group(r.dir)
+    return RunResult(r.dir, report.metrics, r.model, [])
+
+
+def _refresh_group(run_dir: Path) -> None:
+    """A seed run re-evaluated inside a seed group: the group's summary again from its runs (it went stale),
+    once every seed has results."""
+    from .group import GROUP_FILE, GROUP_YAML, seed_dir, summarize
+
+    group_dir = run_dir.parent
+    if not (run_dir.name.startswith("seed-") and (group_dir / GROUP_FILE).is_file()
+            and (group_dir / GROUP_YAML).is_file()):
+        return
+    seeds = read_yaml(group_dir / GROUP_YAML).get("seeds")
+    if not (isinstance(seeds, list) and seeds and
+            all((seed_dir(group_dir, s) / "results.json").is_file() for s in seeds)):
+        return
+    got = _try_lock(group_dir)
+    if isinstance(got, str):  # the group is running: it writes group.json itself when its seeds finish
+        log.warning("seed group %s is in use (pid %s): its group.json was not summarised again", group_dir, got)
+        return
+    try:
+        summarize(group_dir, seeds)
+    finally:
+        os.close(got)
+    log.info("seed group %s: group.json summarised again from its %d runs", group_dir, len(seeds))
 
 
 def load_model(run_dir: str | Path) -> nn.Module:
