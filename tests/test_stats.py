@@ -231,6 +231,12 @@ def test_seed_group_summarises_its_runs_and_resumes(tiny_config, tmp_path, write
     assert json.loads((out / "group.json").read_text())["metrics"]["clean/acc"]["values"] == again
     assert again[0] != values[0] and again[1] == values[1]  # 50 images now (a multiple of 1/50), seed 1 as it was
     values = again
+    # a group.yaml written before a setting existed (a key with its default missing) still resumes
+    older = yaml.safe_load((out / "group.yaml").read_text())
+    del older["model"]["stem"]
+    (out / "group.yaml").write_text(yaml.safe_dump(older))
+    assert main(["run", str(path), "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
     # other settings: the finished seeds would be averaged with runs of another learning rate
     assert main(["run", str(path), "--out", str(out), "--resume", "--set", "train.lr=0.5"]) == 2
     err = capsys.readouterr().err

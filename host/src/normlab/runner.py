@@ -599,6 +599,7 @@ def _run_seeds(config, cfg: RunConfig, source: str, out, overrides: Sequence[str
                 raise UsageError(f"{group_dir / GROUP_YAML}: the group was started with seeds {saved.get('seeds')}, "
                                  f"not {cfg.seeds}")
             now = cfg.model_dump(mode="json")
+            saved = parse_run(saved, str(group_dir / GROUP_YAML)).model_dump(mode="json")  # this version's defaults
             if json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):  # finished seeds are kept
                 key, was, is_ = _differences(saved, now)[0]
                 raise UsageError(f"{group_dir / GROUP_YAML}: {key}: the group being resumed has {json.dumps(was)}, "
