@@ -105,8 +105,7 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
            log=print) -> dict:
     """Run every (point, seed) not finished yet; write each point's group.json and GROUP/launch.json."""
     from .group import GROUP_YAML, seed_dir, summarize
-    from .config import parse_run, read_yaml
-    from .runner import _differences, _load_config, prepare
+    from .runner import _load_config, changed_group_setting, prepare
 
     out = Path(out)
     if not seeds:
@@ -142,13 +141,13 @@ def launch(file: str, grid: dict[str, list[str]], seeds: list[int], out: str | P
                              f"choose another --out")
     for name, p in plan.items():  # the run file's content too: finished runs would be averaged with other settings
         p["group"] = p["config"].model_copy(update={"seeds": list(seeds), "seed": seeds[0]}).model_dump(mode="json")
-        if (out / name / GROUP_YAML).is_file():
-            before = parse_run(read_yaml(out / name / GROUP_YAML), str(out / name / GROUP_YAML)).model_dump(mode="json")
-            if json.dumps(before, sort_keys=True) != json.dumps(p["group"], sort_keys=True):
-                key, was, is_ = _differences(before, p["group"])[0]
-                raise UsageError(f"{out / name / GROUP_YAML}: {key}: this point was launched with {json.dumps(was)}, "
-                                 f"this run file gives {json.dumps(is_)}; relaunch with the same run file or choose "
-                                 f"another --out")
+        changed = changed_group_setting(out / name / GROUP_YAML, p["group"]) \
+            if (out / name / GROUP_YAML).is_file() else None
+        if changed is not None:
+            key, was, is_ = changed
+            raise UsageError(f"{out / name / GROUP_YAML}: {key}: this point was launched with {json.dumps(was)}, "
+                             f"this run file gives {json.dumps(is_)}; relaunch with the same run file or choose "
+                             f"another --out")
     write_json_atomic(saved, {**record, "status": "running"})
     jobs, skipped = [], 0
     for name, p in plan.items():

@@ -452,6 +452,14 @@ def _differences(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
     return [] if a == b else [(path or "(top level)", a, b)]
 
 
+def changed_group_setting(group_yaml: Path, now: dict) -> tuple[str, Any, Any] | None:
+    """The first setting (dotted key, saved value, value in ``now``) where a seed group's saved group.yaml,
+    filled with this version's defaults, differs from ``now`` (a resolved RunConfig); None where none does."""
+    saved = parse_run(read_yaml(group_yaml), str(group_yaml)).model_dump(mode="json")
+    changed = _differences(saved, now)
+    return changed[0] if changed else None
+
+
 def _canonical(run: Run, raw: dict, source: str) -> dict:
     """A saved run.yaml with every default of this version filled in, as :meth:`Run.resolved` writes it.
 
@@ -598,10 +606,9 @@ def _run_seeds(config, cfg: RunConfig, source: str, out, overrides: Sequence[str
             if saved.get("seeds") != cfg.seeds:
                 raise UsageError(f"{group_dir / GROUP_YAML}: the group was started with seeds {saved.get('seeds')}, "
                                  f"not {cfg.seeds}")
-            now = cfg.model_dump(mode="json")
-            saved = parse_run(saved, str(group_dir / GROUP_YAML)).model_dump(mode="json")  # this version's defaults
-            if json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):  # finished seeds are kept
-                key, was, is_ = _differences(saved, now)[0]
+            changed = changed_group_setting(group_dir / GROUP_YAML, cfg.model_dump(mode="json"))
+            if changed is not None:  # finished seeds are kept
+                key, was, is_ = changed
                 raise UsageError(f"{group_dir / GROUP_YAML}: {key}: the group being resumed has {json.dumps(was)}, "
                                  f"this run file {json.dumps(is_)}; its finished seeds would be averaged with runs "
                                  f"of other settings: resume with the same settings or start a new group")
