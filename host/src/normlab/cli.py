@@ -338,8 +338,6 @@ def _unordered(parts: tuple) -> tuple:
 def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, str]:
     """(b - a, p-value, the test's name) for one metric of two compare entries; where no test applies,
     (b - a, None, why not)."""
-    import numpy as np
-
     from . import stats
 
     diff = b.metrics[key] - a.metrics[key]
@@ -361,7 +359,7 @@ def paired_test(a: _Entry, b: _Entry, key: str) -> tuple[float, float | None, st
             return diff, None, "the runs were evaluated on different test examples"
         if _unordered(oa[3]) != _unordered(ob[3]):
             return diff, None, "the averages are over different parts"
-        if all(np.isin(o[0], (0.0, 1.0)).all() for o in (oa, ob)):  # right or wrong per example: one part, or all agree
+        if stats.right_or_wrong(oa[0]) and stats.right_or_wrong(ob[0]):
             return diff, stats.mcnemar(ob[0] > 0.5, oa[0] > 0.5)["p"], "McNemar exact"
         if oa[0].size < 2:
             return diff, None, "one example has no spread to test"

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Z95", "ALPHA", "wilson", "mean_interval", "mcnemar", "paired_examples", "seed_interval", "paired_seeds",
-           "pack", "unpack", "examples_id"]
+__all__ = ["Z95", "ALPHA", "wilson", "right_or_wrong", "mean_interval", "mcnemar", "paired_examples",
+           "seed_interval", "paired_seeds", "pack", "unpack", "examples_id"]
 
 ALPHA = 0.05
 Z95 = 1.959963984540054  # scipy.stats.norm.ppf(0.975)
@@ -44,6 +44,12 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     # at k = 0 (k = n) the bound is exactly 0 (1); computed, it can miss by a rounding error
     return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def right_or_wrong(scores: np.ndarray) -> bool:
+    """Whether per-example scores are all 0 or 1: an accuracy (Wilson, McNemar), also when it is an average
+    of one part or of parts that agree on every example."""
+    return bool(np.isin(np.asarray(scores), (0.0, 1.0)).all())
 
 
 def mean_interval(scores: np.ndarray, z: float = Z95) -> tuple[float, float]:

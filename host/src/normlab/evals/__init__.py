@@ -102,15 +102,14 @@ class Report:
         part, or parts that agree on every example); otherwise only the mean is added."""
         import numpy as np
 
-        from ..stats import mean_interval, wilson
+        from ..stats import mean_interval, right_or_wrong, wilson
 
         mean = float(np.mean([self.metrics[k] for k in keys]))
         parts = [self.outcomes.get(k) for k in keys]
         if all(parts) and len({p.examples for p in parts}) == 1:
             scores = np.mean([p.scores for p in parts], axis=0)
             self.add(key, float(scores.mean()))
-            binary = bool(np.isin(scores, (0.0, 1.0)).all())
-            lo, hi = wilson(int(scores.sum()), scores.size) if binary else mean_interval(scores)
+            lo, hi = wilson(int(scores.sum()), scores.size) if right_or_wrong(scores) else mean_interval(scores)
             self.add(f"{key}/ci_low", lo)
             self.add(f"{key}/ci_high", hi)
             self.outcomes[key] = Outcome(scores, parts[0].examples, tuple(keys))
